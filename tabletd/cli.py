@@ -1,0 +1,209 @@
+"""Command line: ``tabletd run | cutoff | status | check-config | demo``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tabletd import __version__
+from tabletd.clock import BootClock, boot_id
+from tabletd.config import Config, load_config
+from tabletd.errors import ConfigError, StateFileError, TabletdError
+from tabletd.events import EventStore
+from tabletd.hardware import open_rail
+from tabletd.hardware.backlight import Backlight, find_backlight
+from tabletd.logs import setup_logging
+from tabletd.persistence import StateFile, snapshot_to_json
+
+EX_OK = 0
+EX_FAILURE = 1
+EX_NOT_RUNNING = 3  # LSB "program is not running", as systemctl status uses it
+EX_CONFIG = 78  # sysexits EX_CONFIG: systemd's RestartPreventExitStatus=78
+
+
+def state_dir_for(args: argparse.Namespace, cfg: Config) -> Path:
+    """``--state-dir``, else systemd's $STATE_DIRECTORY, else ``[paths] state_dir``."""
+    if args.state_dir:
+        return Path(args.state_dir)
+    from_systemd = os.environ.get("STATE_DIRECTORY")
+    if from_systemd:
+        return Path(from_systemd.split(":")[0])
+    return Path(cfg.paths.state_dir)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.file)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EX_CONFIG
+    print(f"{args.file}: OK (device {cfg.device.id}, backend {cfg.hardware.backend})")
+    return EX_OK
+
+
+def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
+    from tabletd.daemon import Daemon
+
+    setup_logging(cfg.logging.level)
+    daemon = Daemon(cfg, state_dir_for(args, cfg))
+    return asyncio.run(daemon.run())
+
+
+def cmd_cutoff(args: argparse.Namespace, cfg: Config) -> int:
+    """Cut the rail and blank the screen now. Idempotent, no network, fast.
+
+    When a daemon holds the pins, it is asked to cut (SIGUSR1) and locks itself; otherwise
+    this process claims the rail lines, driving them off, and checks the sense input.
+    """
+    from tabletd.daemon import DaemonPaths, running_daemon_pid
+
+    state_dir = state_dir_for(args, cfg)
+    pid = running_daemon_pid(DaemonPaths(state_dir))
+    if pid is not None:
+        os.kill(pid, signal.SIGUSR1)
+        print(f"asked the running daemon (pid {pid}) to cut the rail and lock")
+        return EX_OK
+    state_dir.mkdir(parents=True, exist_ok=True)
+    rail, world = open_rail(cfg, state_dir)  # claiming the line drives it low
+    try:
+        time.sleep(cfg.gpio.sense_timeout_ms / 1000)
+        sensed = rail.sensed
+    finally:
+        rail.close()
+    status = 0
+    problems: list[str] = []
+    if sensed:
+        problems.append(f"rail sense GPIO{cfg.gpio.rail_sense} still reads ON after the cut")
+        status = EX_FAILURE
+    bl_path = world.dir / "bl_power" if world and cfg.backlight.path == "auto" else None
+    try:
+        Backlight(bl_path or find_backlight(cfg.backlight.path)).set(False)
+    except TabletdError as exc:
+        problems.append(str(exc))
+    store = EventStore(state_dir / "events.sqlite")
+    try:
+        store.append(
+            "cutoff",
+            {
+                "by": "cutoff_command",
+                "service_result": os.environ.get("SERVICE_RESULT"),
+                "exit_code": os.environ.get("EXIT_CODE"),
+                "exit_status": os.environ.get("EXIT_STATUS"),
+                "sense_on": sensed,
+            },
+            boot=boot_id(),
+            boot_ns=BootClock().boot_ns(),
+        )
+    finally:
+        store.close()
+    for p in problems:
+        print(f"tabletd cutoff: {p}", file=sys.stderr)
+    print("camera rail off" if not sensed else "camera rail commanded off; SENSE STILL ON")
+    return status
+
+
+def fetch_status(cfg: Config, timeout_s: float = 2.0) -> dict[str, Any]:
+    url = f"http://{_host(cfg.status_api.host)}:{cfg.status_api.port}/v1/status"
+    with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        body: dict[str, Any] = json.load(resp)
+        return body
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
+    try:
+        status = fetch_status(cfg)
+    except (urllib.error.URLError, OSError) as exc:
+        state_dir = state_dir_for(args, cfg)
+        persisted: Any = None
+        try:
+            loaded = StateFile(state_dir).load()
+            if loaded is not None:
+                persisted = {"boot_id": loaded[0], "snapshot": snapshot_to_json(loaded[1])}
+        except StateFileError as err:
+            persisted = {"error": str(err)}
+        if args.json:
+            print(json.dumps({"running": False, "error": str(exc), "persisted": persisted}))
+        else:
+            print(f"tabletd is not running (status API: {exc})")
+            if persisted is not None:
+                print(f"last persisted state: {json.dumps(persisted)}")
+        return EX_NOT_RUNNING
+    if args.json:
+        print(json.dumps(status, sort_keys=True))
+        return EX_OK
+    session = status.get("session")
+    print(f"device    {status['device_id']}")
+    print(f"state     {status['state']}  (screen: {status['screen']})")
+    print(f"rail      {status['rail']}")
+    print(f"link      {'connected' if status['link']['connected'] else 'down'}")
+    print(f"locked    {status['locked']}" + (f" ({status['locked_reason']})"
+                                             if status.get("locked_reason") else ""))
+    print(f"fault     {status['fault'] or '-'}")
+    if session:
+        rem = session.get("remaining_ms")
+        left = "-" if rem is None else f"{rem // 60000}:{rem // 1000 % 60:02d}"
+        print(f"session   {session['id']} {session['state']}, remaining {left}")
+    return EX_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tabletd", description=__doc__)
+    p.add_argument("--version", action="version", version=f"tabletd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--config", required=True, help="TOML configuration file")
+        sp.add_argument("--state-dir", help="state directory (default: $STATE_DIRECTORY, "
+                        "then [paths] state_dir)")
+        return sp
+
+    with_config("run", "run the daemon in the foreground (systemd runs this)")
+    with_config("cutoff", "cut the camera rail and blank the screen now")
+    st = with_config("status", "show the running daemon's state")
+    st.add_argument("--json", action="store_true", help="print the status object as JSON")
+    demo = with_config("demo", "in-process scenario on simulated hardware")
+    demo.add_argument("--call-seconds", type=float, default=6.0)
+    demo.add_argument("--block-seconds", type=float, default=1.5)
+    cc = sub.add_parser("check-config", help="validate a configuration file (exit 78 if bad)")
+    cc.add_argument("file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check-config":
+        return cmd_check_config(args)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EX_CONFIG
+    try:
+        if args.command == "run":
+            return cmd_run(args, cfg)
+        if args.command == "cutoff":
+            return cmd_cutoff(args, cfg)
+        if args.command == "status":
+            return cmd_status(args, cfg)
+        from tabletd.demo import run_demo
+
+        return run_demo(cfg, args)
+    except TabletdError as exc:
+        print(f"tabletd {args.command}: {exc}", file=sys.stderr)
+        return EX_FAILURE

@@ -1,0 +1,300 @@
+"""Configuration: one TOML file into frozen, typed objects.
+
+Unknown keys are errors: a typo in a safety setting must never fall back silently to a
+default. Every problem names the file, the key and what is wrong, and all problems are
+reported at once (``tabletd check-config`` exits 78, EX_CONFIG, with them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast, get_args
+
+from tabletd.errors import ConfigError
+
+Backend = Literal["gpio", "sim"]
+SenseFault = Literal["none", "stuck_on", "stuck_off"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+def _bounds(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
+    return {"lo": lo, "hi": hi}
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Who this tablet is."""
+
+    id: str = field(metadata={"pattern": "id"})
+
+
+@dataclass(frozen=True)
+class HardwareConfig:
+    """Which backend drives the pins; chosen here and nowhere else."""
+
+    backend: Backend = "gpio"
+
+
+@dataclass(frozen=True)
+class GpioConfig:
+    """BCM pin numbers (BRIEF, reference hardware) and the closed-loop sense timing."""
+
+    rail_enable: int = field(default=17, metadata=_bounds(0, 53))
+    rail_sense: int = field(default=27, metadata=_bounds(0, 53))
+    privacy: int = field(default=22, metadata=_bounds(0, 53))
+    tamper: int = field(default=23, metadata=_bounds(0, 53))
+    led_red: int = field(default=5, metadata=_bounds(0, 53))
+    led_green: int = field(default=6, metadata=_bounds(0, 53))
+    led_blue: int = field(default=13, metadata=_bounds(0, 53))
+    sense_timeout_ms: int = field(default=50, metadata=_bounds(1, 50))
+    sense_poll_ms: int = field(default=500, metadata=_bounds(10, 5000))
+
+
+@dataclass(frozen=True)
+class BacklightConfig:
+    """``path`` is a ``bl_power`` file, or "auto" for the first one under /sys/class/backlight."""
+
+    path: str = "auto"
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Call policy."""
+
+    link_grace_s: float = field(default=10.0, metadata=_bounds(0, 60))
+    calls_while_docked: bool = False
+    warning_s: int = field(default=60, metadata=_bounds(0, 600))
+
+
+@dataclass(frozen=True)
+class EnforcementConfig:
+    """The enforcement thread (layer b)."""
+
+    realtime_priority: int = field(default=10, metadata=_bounds(0, 99))
+
+
+@dataclass(frozen=True)
+class WatchdogConfig:
+    """``device`` is the hardware watchdog to pet (layer d); empty disables it."""
+
+    device: str = ""
+    timeout_s: int = field(default=15, metadata=_bounds(1, 15))
+
+
+@dataclass(frozen=True)
+class StatusApiConfig:
+    """The local, read-only status API. Loopback addresses only."""
+
+    host: str = "127.0.0.1"
+    port: int = field(default=8470, metadata=_bounds(0, 65535))
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: LogLevel = "info"
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """Where state lives; ``--state-dir`` and systemd's $STATE_DIRECTORY take precedence."""
+
+    state_dir: str = "/var/lib/tabletd"
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Simulated hardware only (``hardware.backend = "sim"``).
+
+    ``self_grant_s`` > 0 makes the simulated world hand the daemon one call of that length,
+    once per boot, standing in for the central server until the link exists.
+    """
+
+    sense_fault: SenseFault = "none"
+    privacy_engaged: bool = False
+    tamper_open: bool = False
+    self_grant_s: int = field(default=0, metadata=_bounds(0, 86400))
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; ``source`` is the file it came from (for messages)."""
+
+    device: DeviceConfig
+    hardware: HardwareConfig = HardwareConfig()
+    gpio: GpioConfig = GpioConfig()
+    backlight: BacklightConfig = BacklightConfig()
+    session: SessionConfig = SessionConfig()
+    enforcement: EnforcementConfig = EnforcementConfig()
+    watchdog: WatchdogConfig = WatchdogConfig()
+    status_api: StatusApiConfig = StatusApiConfig()
+    logging: LoggingConfig = LoggingConfig()
+    paths: PathsConfig = PathsConfig()
+    sim: SimConfig = SimConfig()
+    source: str = field(default="<defaults>", metadata={"internal": True})
+
+
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def _check_scalar(where: str, key: str, f: dataclasses.Field[Any], value: Any) -> list[str]:
+    """Type and bounds of one value; returns the problems found."""
+    expected = f.type
+    problems: list[str] = []
+    if isinstance(expected, str):  # postponed annotations: resolve the few we use
+        expected = _TYPES[expected]
+    if get_args(expected) and not isinstance(expected, type):
+        allowed = get_args(expected)
+        if value not in allowed:
+            shown = ", ".join(repr(a) for a in allowed)
+            problems.append(f"{where}: {key} = {value!r}: must be one of {shown}")
+        return problems
+    if expected is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{where}: {key} = {value!r}: must be true or false")
+        return problems
+    if expected is int and (not isinstance(value, int) or isinstance(value, bool)):
+        return [f"{where}: {key} = {value!r}: must be an integer"]
+    if expected is float and (not isinstance(value, int | float) or isinstance(value, bool)):
+        return [f"{where}: {key} = {value!r}: must be a number"]
+    if expected is str:
+        if not isinstance(value, str):
+            return [f"{where}: {key} = {value!r}: must be a string"]
+        if f.metadata.get("pattern") == "id" and (not value or not set(value) <= _ID_CHARS):
+            problems.append(
+                f"{where}: {key} = {value!r}: must be 1+ characters of A-Z a-z 0-9 - _ ."
+            )
+        return problems
+    lo, hi = f.metadata.get("lo"), f.metadata.get("hi")
+    if lo is not None and value < lo:
+        problems.append(f"{where}: {key} = {value!r}: must be at least {lo}")
+    if hi is not None and value > hi:
+        problems.append(f"{where}: {key} = {value!r}: must be at most {hi}")
+    return problems
+
+
+_TYPES: dict[str, Any] = {
+    "int": int,
+    "float": float,
+    "bool": bool,
+    "str": str,
+    "Backend": Backend,
+    "SenseFault": SenseFault,
+    "LogLevel": LogLevel,
+}
+
+
+def _section(cls: type[Any], data: Any, where: str, name: str) -> tuple[Any, list[str]]:
+    if not isinstance(data, dict):
+        return None, [f"{where}: [{name}] must be a table"]
+    problems: list[str] = []
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            problems.append(
+                f"{where}: [{name}] {key}: unknown key (known: {', '.join(sorted(known))})"
+            )
+    kwargs: dict[str, Any] = {}
+    for key, f in known.items():
+        if key in data:
+            value = data[key]
+            if _TYPES.get(str(f.type)) is float and isinstance(value, int):
+                value = float(value)
+            found = _check_scalar(where, f"[{name}] {key}", f, value)
+            problems += found
+            if not found:
+                kwargs[key] = value
+        elif f.default is dataclasses.MISSING:
+            problems.append(f"{where}: [{name}] {key}: required key is missing")
+    if problems:
+        return None, problems
+    return cls(**kwargs), problems
+
+
+def parse_config(text: str, source: str) -> Config:
+    """Parse and validate a TOML document; raises :class:`ConfigError` listing every problem."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source}: not valid TOML: {exc}"]) from exc
+    problems: list[str] = []
+    sections: dict[str, Any] = {}
+    fields_ = {f.name: f for f in dataclasses.fields(Config) if not f.metadata.get("internal")}
+    for name in raw:
+        if name not in fields_:
+            problems.append(
+                f"{source}: [{name}]: unknown section (known: {', '.join(sorted(fields_))})"
+            )
+    for name, f in fields_.items():
+        cls = _SECTIONS[name]
+        if name in raw:
+            value, found = _section(cls, raw[name], source, name)
+            problems += found
+            if value is not None:
+                sections[name] = value
+        elif f.default is dataclasses.MISSING:
+            problems.append(f"{source}: [{name}]: required section is missing")
+    if not problems:
+        problems += _cross_checks(sections, source)
+    if problems:
+        raise ConfigError(problems)
+    return Config(**sections, source=source)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "device": DeviceConfig,
+    "hardware": HardwareConfig,
+    "gpio": GpioConfig,
+    "backlight": BacklightConfig,
+    "session": SessionConfig,
+    "enforcement": EnforcementConfig,
+    "watchdog": WatchdogConfig,
+    "status_api": StatusApiConfig,
+    "logging": LoggingConfig,
+    "paths": PathsConfig,
+    "sim": SimConfig,
+}
+
+
+def _cross_checks(sections: dict[str, Any], source: str) -> list[str]:
+    problems: list[str] = []
+    api = cast(StatusApiConfig, sections.get("status_api", StatusApiConfig()))
+    try:
+        if not ipaddress.ip_address(api.host).is_loopback:
+            problems.append(
+                f"{source}: [status_api] host = {api.host!r}: must be a loopback address "
+                "(the status API is never exposed to the network)"
+            )
+    except ValueError:
+        problems.append(
+            f"{source}: [status_api] host = {api.host!r}: must be an IP address, e.g. 127.0.0.1"
+        )
+    gpio = cast(GpioConfig, sections.get("gpio", GpioConfig()))
+    pins = {
+        name: getattr(gpio, name)
+        for name in ("rail_enable", "rail_sense", "privacy", "tamper", "led_red", "led_green",
+                     "led_blue")
+    }
+    seen: dict[int, str] = {}
+    for name, pin in pins.items():
+        if pin in seen:
+            problems.append(
+                f"{source}: [gpio] {name} = {pin}: pin already used by [gpio] {seen[pin]}"
+            )
+        seen[pin] = name
+    return problems
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a configuration file; raises :class:`ConfigError`."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{p}: not UTF-8 text: {exc}"]) from exc
+    return parse_config(text, str(p))

@@ -1,0 +1,475 @@
+"""The I/O shell around the session machine: hardware, enforcement, persistence, systemd.
+
+Start-up order is the fail-closed order (BRIEF invariant 4): claim the rail and drive it off;
+start the enforcement thread and wait for its first sense check; restore persisted state;
+read the switches; only then serve status and send READY=1.
+
+One ``asyncio.TaskGroup`` owns every task. Inputs from other threads (switch callbacks, the
+enforcement thread) arrive through :meth:`Daemon.submit`, which is thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from tabletd import __version__
+from tabletd.clock import NS_PER_MS, NS_PER_S, BootClock, Clock, boot_id
+from tabletd.config import Config
+from tabletd.errors import HardwareError, StateFileError, TabletdError
+from tabletd.events import EventStore
+from tabletd.hardware import Hardware, open_hardware
+from tabletd.persistence import StateFile
+from tabletd.sdnotify import Notifier
+from tabletd.session import (
+    Action,
+    Input,
+    LinkChanged,
+    LockRequested,
+    Persist,
+    Policy,
+    PrivacyChanged,
+    RailFaultDetected,
+    RailOff,
+    RailOn,
+    Record,
+    SessionMachine,
+    SetBacklight,
+    SetLed,
+    ShowScreen,
+    State,
+    TamperChanged,
+    Tick,
+)
+from tabletd.statusapi import StatusHub, StatusServer
+from tabletd.watchdog import CutRecord, DeviceWatchdog, RailGuard, SystemdWatchdog
+
+log = logging.getLogger(__name__)
+
+# A GIL-holding busy loop gives the enforcement thread the interpreter after at most this
+# long (CPython's default is 5 ms, the whole p99 budget of invariant 3).
+SWITCH_INTERVAL_S = 0.0005
+
+LOCK_NAME = "tabletd.lock"
+
+
+@dataclass(frozen=True)
+class DaemonPaths:
+    state_dir: Path
+
+    @property
+    def lock(self) -> Path:
+        return self.state_dir / LOCK_NAME
+
+    @property
+    def events(self) -> Path:
+        return self.state_dir / "events.sqlite"
+
+
+def acquire_instance_lock(paths: DaemonPaths) -> int:
+    """Hold ``tabletd.lock`` (flock) for the daemon's lifetime, with our pid in it.
+
+    Raises :class:`TabletdError` if another daemon holds it: two daemons must never drive
+    one rail.
+    """
+    fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise TabletdError(f"another tabletd holds {paths.lock}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def running_daemon_pid(paths: DaemonPaths) -> int | None:
+    """The pid of the daemon holding the instance lock, or None if none does."""
+    try:
+        fd = os.open(paths.lock, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 32).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+class Daemon:
+    """One tablet's daemon. ``run()`` returns the process exit code."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        state_dir: Path,
+        *,
+        clock: Clock | None = None,
+        notifier: Notifier | None = None,
+        environ: dict[str, str] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.paths = DaemonPaths(state_dir)
+        self.clock = clock or BootClock()
+        self.notifier = notifier or Notifier(environ)
+        self.environ = dict(os.environ if environ is None else environ)
+        self.boot = boot_id()
+        self.machine = SessionMachine(Policy(
+            device_id=cfg.device.id,
+            link_grace_ns=int(cfg.session.link_grace_s * NS_PER_S),
+            calls_while_docked=cfg.session.calls_while_docked,
+        ))
+        self.hub: StatusHub | None = None
+        self.hardware: Hardware | None = None
+        self.guard: RailGuard | None = None
+        self.store: EventStore | None = None
+        self.state_file = StateFile(state_dir)
+        self.status_server: StatusServer | None = None
+        self.ready = asyncio.Event()
+        self._queue: asyncio.Queue[Input] = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = asyncio.Event()
+        self._status_line = ""
+        self.on_action: Callable[[Action, int], None] | None = None  # observers (the demo)
+
+    # ---- thread-safe entry points ------------------------------------------------------
+
+    def submit(self, inp: Input) -> None:
+        """Queue an input for the session machine; callable from any thread."""
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("daemon not running")
+        if threading_is_loop_thread(loop):
+            self._queue.put_nowait(inp)
+        else:
+            loop.call_soon_threadsafe(self._queue.put_nowait, inp)
+
+    def request_stop(self) -> None:
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._stop.set)
+
+    # ---- main ---------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        self._loop = asyncio.get_running_loop()
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        self.paths.state_dir.mkdir(parents=True, exist_ok=True)
+        lock_fd = acquire_instance_lock(self.paths)
+        self.notifier.send(STATUS="starting: cutting the camera rail")
+        try:
+            await self._start()
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._core(), name="core")
+                    tg.create_task(self._pet_watchdogs(), name="watchdogs")
+                    assert self.status_server is not None
+                    tg.create_task(self.status_server.serve_forever(), name="status-api")
+                    tg.create_task(self._until_stopped(), name="stop")
+            except* _Stopped:
+                pass
+            return 0
+        finally:
+            self._shutdown()
+            os.close(lock_fd)
+
+    async def _start(self) -> None:
+        cfg = self.cfg
+        self.hardware = hw = open_hardware(cfg, self.paths.state_dir)
+        self.guard = guard = RailGuard(
+            hw.rail, self.clock,
+            sense_timeout_ms=cfg.gpio.sense_timeout_ms,
+            sense_poll_ms=cfg.gpio.sense_poll_ms,
+            realtime_priority=cfg.enforcement.realtime_priority,
+            on_fault=lambda detail: self.submit(RailFaultDetected(detail)),
+            on_cut=self._cut_from_any_thread,
+        )
+        guard.start()
+        self.store = EventStore(self.paths.events)
+        fault = await asyncio.to_thread(guard.wait_first_check, 2.0)
+        self._restore()
+        if fault is not None:
+            self._handle(RailFaultDetected(fault))
+        hw.privacy.on_change(self._privacy_changed)
+        hw.tamper.on_change(self._tamper_changed)
+        self._privacy_changed(hw.privacy.active)
+        self._tamper_changed(hw.tamper.active)
+        self._handle(LinkChanged(False))  # no link yet: the link issue reports it
+        for inp in hw.scripted_inputs(self.clock.boot_ns(), self.boot):
+            self._handle(inp)
+        self.hub = StatusHub(self.status)
+        self.status_server = StatusServer(self.hub, cfg.status_api.host, cfg.status_api.port)
+        await self.status_server.start()
+        signal.signal(signal.SIGUSR1, self._engineer_cutoff)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        self.ready.set()
+        self._update_status_line(force=True, ready=True)
+        log.info("ready: tabletd %s, device %s, rail off, status on %s:%d", __version__,
+                 cfg.device.id, cfg.status_api.host, self.status_server.port,
+                 extra={"EVENT": "ready"})
+
+    def _restore(self) -> None:
+        try:
+            loaded = self.state_file.load()
+        except StateFileError as exc:
+            # Fail closed: the rail is off and stays off without a session; a grant cannot
+            # be replayed (the link layer keeps the nonces), so nothing can lengthen a call.
+            log.error("%s; starting with no session", exc, extra={"EVENT": "state_corrupt"})
+            self._record("state_file_corrupt", {"detail": str(exc)})
+            loaded = None
+        if loaded is None:
+            self._apply(self.machine.restore(self.machine.snapshot, same_boot=True,
+                                             now=self.clock.boot_ns()))
+            return
+        boot, snap = loaded
+        self._apply(self.machine.restore(snap, same_boot=boot == self.boot,
+                                         now=self.clock.boot_ns()))
+
+    def _shutdown(self) -> None:
+        self.notifier.send(STOPPING="1", STATUS="stopping: camera rail off")
+        if self.guard is not None:
+            record = self.guard.stop()
+            if record is not None and record.by == "stop":
+                self._record("rail_cut", _cut_fields(record))
+        if self.hardware is not None:
+            self.hardware.close()
+        if self.store is not None:
+            self.store.close()
+        log.info("stopped; camera rail off", extra={"EVENT": "stopped"})
+
+    # ---- tasks ----------------------------------------------------------------------------
+
+    async def _until_stopped(self) -> None:
+        await self._stop.wait()
+        raise _Stopped
+
+    async def _core(self) -> None:
+        while True:
+            deadline = self.machine.next_deadline()
+            inp: Input
+            if deadline is None:
+                inp = await self._queue.get()
+            else:
+                delay = max(0, deadline - self.clock.boot_ns()) / NS_PER_S
+                try:
+                    async with asyncio.timeout(delay):
+                        inp = await self._queue.get()
+                except TimeoutError:
+                    inp = Tick()
+            try:
+                self._handle(inp)
+            except Exception:
+                # Invariant 4: on any unexpected error, the rail is cut first.
+                assert self.guard is not None
+                self.guard.cut("internal_error")
+                log.critical("internal error handling %r; rail cut", inp, exc_info=True,
+                             extra={"EVENT": "fault"})
+                raise
+
+    async def _pet_watchdogs(self) -> None:
+        """Layers (c) and (d): petted from the loop, so a blocked loop stops petting."""
+        sd = SystemdWatchdog(self.environ)
+        dev: DeviceWatchdog | None = None
+        if self.cfg.watchdog.device:
+            dev = DeviceWatchdog(self.cfg.watchdog.device, self.cfg.watchdog.timeout_s)
+        intervals = [i for i in (sd.interval_s,
+                                 self.cfg.watchdog.timeout_s / 3 if dev else None) if i]
+        if not intervals:
+            await self._stop.wait()
+            return
+        period = min(intervals)
+        try:
+            while True:
+                if sd.interval_s:
+                    self.notifier.send(WATCHDOG="1")
+                if dev is not None:
+                    dev.pet()
+                self._update_status_line()
+                await asyncio.sleep(period)
+        finally:
+            if dev is not None:
+                dev.close(disarm=self._stop.is_set())
+
+    # ---- input/action plumbing --------------------------------------------------------------
+
+    def _handle(self, inp: Input) -> None:
+        now = self.clock.boot_ns()
+        self._apply(self.machine.handle(inp, now))
+
+    def _apply(self, actions: list[Action]) -> None:
+        assert self.guard is not None and self.hardware is not None
+        cut: CutRecord | None = None
+        for action in actions:
+            if self.on_action is not None:
+                self.on_action(action, self.clock.boot_ns())
+            match action:
+                case RailOff(reason=reason, due_ns=due):
+                    cut = self.guard.cut(reason, due)
+                    if cut is not None:
+                        self._record("rail_cut", _cut_fields(cut))
+                case RailOn(until_ns=until):
+                    if not self.guard.power(until):
+                        log.warning("rail power refused by the guard (until %d)", until,
+                                    extra={"EVENT": "rail_refused"})
+                case Record(kind=kind, fields=fields):
+                    if kind == "call_ended" and cut is not None:
+                        fields = {**fields, **_cut_fields(cut, prefix="cutoff_")}
+                    self._record(kind, fields)
+                case Persist(snapshot=snap):
+                    self.state_file.save(snap, self.boot)
+                case SetLed(colour=colour):
+                    self.hardware.led.show(colour)
+                case SetBacklight(on=on):
+                    try:
+                        self.hardware.backlight.set(on)
+                    except HardwareError as exc:
+                        log.error("%s", exc, extra={"EVENT": "backlight_error"})
+                case ShowScreen(screen=screen):
+                    log.info("screen: %s", screen, extra={"EVENT": "screen"})
+        if self.hub is not None:
+            self.hub.changed()
+        self._update_status_line()
+
+    def _record(self, kind: str, fields: dict[str, Any] | Any) -> None:
+        assert self.store is not None
+        event = self.store.append(kind, fields, boot=self.boot, boot_ns=self.clock.boot_ns())
+        extra = {"EVENT": kind, "EVENT_ID": event.id}
+        if event.session_id:
+            extra["SESSION_ID"] = event.session_id
+        log.info("event %s %s", kind, dict(fields), extra=extra)
+
+    def _privacy_changed(self, engaged: bool) -> None:
+        """From gpiozero's thread: the guard cuts at once, the machine hears it next."""
+        assert self.guard is not None
+        if engaged:
+            self.guard.inhibit("privacy")
+        else:
+            self.guard.release("privacy")
+        self.submit(PrivacyChanged(engaged))
+
+    def _tamper_changed(self, opened: bool) -> None:
+        assert self.guard is not None
+        if opened:
+            self.guard.inhibit("tamper")
+        else:
+            self.guard.release("tamper")
+        self.submit(TamperChanged(opened))
+
+    def _cut_from_any_thread(self, record: CutRecord) -> None:
+        loop = self._loop
+        if loop is not None and self.hub is not None:
+            loop.call_soon_threadsafe(self.hub.changed)
+
+    def _engineer_cutoff(self, signum: int, frame: FrameType | None) -> None:
+        """SIGUSR1 from ``tabletd cutoff`` while we hold the pins. A plain signal handler
+        (not the loop's): it runs in the main thread even while the loop is busy."""
+        assert self.guard is not None
+        self.guard.cut("engineer_cutoff")
+        self.submit(LockRequested("engineer_cutoff"))
+        assert self.hardware is not None
+        with contextlib.suppress(HardwareError):
+            self.hardware.backlight.set(False)
+
+    # ---- status --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The status object of ``docs/status-api.md``."""
+        assert self.guard is not None
+        m = self.machine
+        snap = m.snapshot
+        now = self.clock.boot_ns()
+        session = None
+        if snap.grant is not None:
+            remaining = m.remaining_ns(now)
+            session = {
+                "id": snap.grant.session_id,
+                "state": str(snap.state),
+                "contact": snap.grant.contact_label,
+                "remaining_ms": None if remaining is None else remaining // NS_PER_MS,
+                "deadline_boot_ns": snap.deadline_ns,
+                "started_boot_ns": snap.started_ns,
+                "not_before_boot_ns": snap.grant.not_before_ns,
+                "not_after_boot_ns": snap.grant.not_after_ns,
+                "end_reason": None if snap.end_reason is None else str(snap.end_reason),
+            }
+        last = self.guard.last_cut
+        return {
+            "version": 1,
+            "device_id": self.cfg.device.id,
+            "state": str(snap.state),
+            "screen": str(m.screen()),
+            "rail": "on" if self.guard.rail_on else "off",
+            "session": session,
+            "link": {"connected": m.link_up},
+            "locked": snap.state in (State.LOCKED, State.FAULT),
+            "locked_reason": snap.locked_reason,
+            "fault": snap.fault_detail,
+            "privacy": m.privacy,
+            "tamper_open": m.tamper_open,
+            "docked": m.docked,
+            "last_cut": None if last is None else _cut_fields(last),
+        }
+
+    def _update_status_line(self, *, force: bool = False, ready: bool = False) -> None:
+        line = self._describe()
+        if line != self._status_line or force:
+            self._status_line = line
+            if ready:
+                self.notifier.send(READY="1", STATUS=line)
+            else:
+                self.notifier.send(STATUS=line)
+
+    def _describe(self) -> str:
+        m = self.machine
+        snap = m.snapshot
+        rail = "camera on" if self.guard is not None and self.guard.rail_on else "camera off"
+        if snap.state is State.LIVE and snap.deadline_ns is not None:
+            left = max(0, snap.deadline_ns - self.clock.boot_ns()) // NS_PER_S
+            link = "link up" if m.link_up else "LINK LOST"
+            return f"call live, ends in {left // 60}:{left % 60:02d}, {rail}, {link}"
+        if snap.state is State.LOCKED:
+            return f"LOCKED ({snap.locked_reason}), {rail}"
+        if snap.state is State.FAULT:
+            return f"FAULT: {snap.fault_detail}; {rail}"
+        if snap.state is State.SCHEDULED:
+            return f"call booked, {rail}"
+        if snap.state is State.ENDED:
+            return f"call ended ({snap.end_reason}), {rail}"
+        return f"idle, {rail}"
+
+
+class _Stopped(Exception):
+    """Raised inside the TaskGroup to end it on SIGTERM."""
+
+
+def threading_is_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+def _cut_fields(cut: CutRecord, prefix: str = "") -> dict[str, Any]:
+    lateness = cut.lateness_ns
+    return {
+        f"{prefix}reason": cut.reason,
+        f"{prefix}by": cut.by,
+        f"{prefix}lateness_ms": None if lateness is None else round(lateness / NS_PER_MS, 3),
+    }

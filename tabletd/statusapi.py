@@ -1,0 +1,105 @@
+"""The local status API: loopback only, read-only (issue "Core", item 8).
+
+``GET /v1/status`` answers the status object as JSON. ``/v1/status/stream`` is a websocket
+that carries the same object on every change (and every second while a call is live, for
+``remaining_ms``). Nothing received on it is acted upon: no request here can start or extend
+a call. The object's schema is in ``docs/status-api.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+STATUS_PATH = "/v1/status"
+STREAM_PATH = "/v1/status/stream"
+
+
+class StatusHub:
+    """Holds how to build the status object and wakes the push clients when it changes."""
+
+    def __init__(self, build: Callable[[], dict[str, Any]]) -> None:
+        self._build = build
+        self._changed = asyncio.Event()
+
+    def status(self) -> dict[str, Any]:
+        return self._build()
+
+    def changed(self) -> None:
+        """Call on the loop after anything in the status may have changed."""
+        self._changed.set()
+
+    async def wait_changed(self, timeout_s: float) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._changed.wait()
+        except TimeoutError:
+            return
+        self._changed = asyncio.Event()
+
+
+def _json_response(status: HTTPStatus, body: Any) -> Response:
+    data = json.dumps(body, sort_keys=True).encode()
+    headers = Headers([
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(data))),
+        ("Cache-Control", "no-store"),
+        ("Connection", "close"),
+    ])
+    return Response(status.value, status.phrase, headers, data)
+
+
+class StatusServer:
+    def __init__(self, hub: StatusHub, host: str, port: int) -> None:
+        self.hub = hub
+        self.host = host
+        self.port = port
+        self._server: Server | None = None
+
+    async def start(self) -> None:
+        self._server = await serve(
+            self._stream, self.host, self.port,
+            process_request=self._route, max_size=1024, max_queue=4,
+        )
+        sock = next(iter(self._server.sockets))
+        self.port = sock.getsockname()[1]
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def _route(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == STREAM_PATH:
+            return None  # go on with the websocket handshake
+        if path == STATUS_PATH:
+            if request.headers.get("Upgrade"):
+                return _json_response(HTTPStatus.BAD_REQUEST,
+                                      {"error": f"use {STREAM_PATH} for the push channel"})
+            return _json_response(HTTPStatus.OK, self.hub.status())
+        return _json_response(HTTPStatus.NOT_FOUND,
+                              {"error": f"no such path {path!r}",
+                               "paths": [STATUS_PATH, STREAM_PATH]})
+
+    async def _stream(self, ws: ServerConnection) -> None:
+        last = None
+        while True:
+            status = self.hub.status()
+            body = json.dumps(status, sort_keys=True)
+            if body != last:
+                await ws.send(body)
+                last = body
+            live = status.get("session") is not None and status["session"]["state"] == "live"
+            await self.hub.wait_changed(1.0 if live else 30.0)
