@@ -39,7 +39,7 @@ ignored and change nothing)::
     LIVE        EndByServer         id matches                     ENDED      call_ended(server_end)
     LIVE        PrivacyChanged      engaged                        ENDED      call_ended(privacy)
     LIVE        DockChanged         docked, calls not allowed      ENDED      call_ended(docked)
-    LIVE        LinkChanged         down / up                      LIVE       call_link_(lost|restored)
+    LIVE        LinkChanged         down / up                      LIVE       call_link_*
     *           TamperChanged       opened (not in FAULT)          LOCKED     tamper_opened (+ end)
     *           LockRequested       (not in FAULT)                 LOCKED     locked (+ end)
     *           RailFaultDetected                                  FAULT      fault (+ end)
