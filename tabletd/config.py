@@ -201,7 +201,7 @@ def _section(cls: type[Any], data: Any, where: str, name: str) -> tuple[Any, lis
     for key, f in known.items():
         if key in data:
             value = data[key]
-            if _TYPES.get(str(f.type)) is float and isinstance(value, int):
+            if _TYPES.get(str(f.type)) is float and type(value) is int:
                 value = float(value)
             found = _check_scalar(where, f"[{name}] {key}", f, value)
             problems += found

@@ -324,8 +324,8 @@ class Daemon:
                     cut = self.guard.cut(reason, due)
                     if cut is not None:
                         self._record("rail_cut", _cut_fields(cut))
-                case RailOn(until_ns=until):
-                    if not self.guard.power(until):
+                case RailOn(until_ns=until, cause=cause):
+                    if not self.guard.power(until, cause):
                         log.warning("rail power refused by the guard (until %d)", until,
                                     extra={"EVENT": "rail_refused"})
                 case Record(kind=kind, fields=fields):

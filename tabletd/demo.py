@@ -22,6 +22,7 @@ from tabletd.session import (
     Action,
     Grant,
     GrantReceived,
+    LinkChanged,
     Persist,
     RailOff,
     RailOn,
@@ -96,6 +97,7 @@ async def _scenario(cfg: Config, state_dir: Path, call_s: float, block_s: float)
         max_duration_ns=int(call_s * NS_PER_S),
     )
     say(f"grant received: {call_s:.1f}s call (verified grants come from the link)")
+    daemon.submit(LinkChanged(True))  # stands in for the central link (a later issue)
     daemon.submit(GrantReceived(grant))
     daemon.submit(StartCall(grant.session_id))
     await asyncio.sleep(0.05)

@@ -194,9 +194,14 @@ Input: TypeAlias = (
 
 @dataclass(frozen=True)
 class RailOn:
-    """Power the rail (or keep it powered) until ``until_ns``, and not one nanosecond more."""
+    """Power the rail (or keep it powered) until ``until_ns``, and not one nanosecond more.
+
+    ``cause`` names what ``until_ns`` is: the call's "deadline", or the end of the
+    "link_grace" after a link loss; the enforcement thread cuts with that reason.
+    """
 
     until_ns: int
+    cause: str = "deadline"
 
 
 @dataclass(frozen=True)
@@ -419,9 +424,6 @@ class SessionMachine:
         self._snap = dataclasses.replace(
             self._snap, state=State.LIVE, started_ns=now, deadline_ns=deadline
         )
-        # The server sent start, so the link is up; a restored call may have thought otherwise.
-        self.link_up = True
-        self._link_lost_ns = None
         self._record(
             "call_started",
             session_id=g.session_id,
@@ -572,7 +574,7 @@ class SessionMachine:
             actions.append(RailOff(reason, due))
             self._rail_until = None
         elif want is not None and want != self._rail_until:
-            rail_on = RailOn(want)
+            rail_on = RailOn(want, "deadline" if want == self._snap.deadline_ns else "link_grace")
             self._rail_until = want
         actions.extend(self._records)
         self._records = []

@@ -76,6 +76,7 @@ class RailGuard:
         self._on_cut = on_cut
         self._cond = threading.Condition(threading.Lock())
         self._until: int | None = None
+        self._until_cause = "deadline"
         self._inhibits: set[str] = set()
         self._fault: str | None = None
         self._check_at: int | None = None
@@ -110,14 +111,16 @@ class RailGuard:
 
     # ---- commands ------------------------------------------------------------------------
 
-    def power(self, until_ns: int) -> bool:
-        """Power the rail until ``until_ns`` (CLOCK_BOOTTIME). Returns False, rail off, when
-        refused: past ``until``, inhibited, faulted or stopping."""
+    def power(self, until_ns: int, cause: str = "deadline") -> bool:
+        """Power the rail until ``until_ns`` (CLOCK_BOOTTIME), when the thread cuts with
+        reason ``cause``. Returns False, rail off, when refused: past ``until``, inhibited,
+        faulted or stopping."""
         with self._cond:
             now = self._clock.boot_ns()
             if self._fault or self._inhibits or self._stopping or now >= until_ns:
                 return False
             self._until = until_ns
+            self._until_cause = cause
             if not self._rail.commanded:
                 self._rail.drive(True)
                 self._check_at = now + self._sense_timeout_ns
@@ -207,7 +210,7 @@ class RailGuard:
                     return
                 now = self._clock.boot_ns()
                 if self._until is not None and now >= self._until:
-                    self._cut_locked("deadline", self._until, "thread")
+                    self._cut_locked(self._until_cause, self._until, "thread")
                 if self._check_at is not None and now >= self._check_at:
                     fault = self._check_sense_locked(now)
                     self._checked_once.set()

@@ -18,7 +18,7 @@ from typing import Any
 from gpiozero.pins.mock import MockFactory, MockPin
 
 from tabletd.config import Config, SenseFault
-from tabletd.session import Grant, GrantReceived, Input, StartCall
+from tabletd.session import Grant, GrantReceived, Input, LinkChanged, StartCall
 
 _S = 1_000_000_000
 
@@ -123,7 +123,7 @@ class SimWorld:
             not_after_ns=now + (seconds + 60) * _S,
             max_duration_ns=seconds * _S,
         )
-        return [GrantReceived(grant), StartCall(session_id)]
+        return [LinkChanged(True), GrantReceived(grant), StartCall(session_id)]
 
 
 def rail_file_state(sim_dir: Path) -> bool:
