@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
@@ -19,10 +20,11 @@ from tabletd.clock import BootClock, boot_id
 from tabletd.config import Config, load_config
 from tabletd.errors import ConfigError, StateFileError, TabletdError
 from tabletd.events import EventStore
-from tabletd.hardware import open_rail
-from tabletd.hardware.backlight import Backlight, find_backlight
+from tabletd.hardware import open_backlight, open_rail
 from tabletd.logs import setup_logging
 from tabletd.persistence import StateFile, snapshot_to_json
+
+log = logging.getLogger("tabletd.cutoff")
 
 EX_OK = 0
 EX_FAILURE = 1
@@ -67,12 +69,11 @@ def cmd_cutoff(args: argparse.Namespace, cfg: Config) -> int:
     """
     from tabletd.daemon import DaemonPaths, running_daemon_pid
 
+    setup_logging(cfg.logging.level)
     state_dir = state_dir_for(args, cfg)
     pid = running_daemon_pid(DaemonPaths(state_dir))
     if pid is not None:
-        os.kill(pid, signal.SIGUSR1)
-        print(f"asked the running daemon (pid {pid}) to cut the rail and lock")
-        return EX_OK
+        return _cutoff_via_daemon(cfg, pid)
     state_dir.mkdir(parents=True, exist_ok=True)
     rail, world = open_rail(cfg, state_dir)  # claiming the line drives it low
     try:
@@ -85,14 +86,13 @@ def cmd_cutoff(args: argparse.Namespace, cfg: Config) -> int:
     if sensed:
         problems.append(f"rail sense GPIO{cfg.gpio.rail_sense} still reads ON after the cut")
         status = EX_FAILURE
-    bl_path = world.dir / "bl_power" if world and cfg.backlight.path == "auto" else None
     try:
-        Backlight(bl_path or find_backlight(cfg.backlight.path)).set(False)
+        open_backlight(cfg, world).set(False)
     except TabletdError as exc:
         problems.append(str(exc))
     store = EventStore(state_dir / "events.sqlite")
     try:
-        store.append(
+        event = store.append(
             "cutoff",
             {
                 "by": "cutoff_command",
@@ -106,10 +106,30 @@ def cmd_cutoff(args: argparse.Namespace, cfg: Config) -> int:
         )
     finally:
         store.close()
+    log.warning("cutoff: camera rail commanded off (%s)", event.fields["service_result"]
+                or "by hand", extra={"EVENT": "cutoff", "EVENT_ID": event.id})
     for p in problems:
         print(f"tabletd cutoff: {p}", file=sys.stderr)
     print("camera rail off" if not sensed else "camera rail commanded off; SENSE STILL ON")
     return status
+
+
+def _cutoff_via_daemon(cfg: Config, pid: int) -> int:
+    """The daemon holds the pins: ask it (SIGUSR1; it cuts and locks), then confirm."""
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        try:
+            status = fetch_status(cfg, timeout_s=0.5)
+        except (urllib.error.URLError, OSError):
+            status = None
+        if status is not None and status["rail"] == "off":
+            print(f"the running daemon (pid {pid}) cut the rail and locked the tablet")
+            return EX_OK
+        time.sleep(0.02)
+    print(f"tabletd cutoff: asked the daemon (pid {pid}) to cut, but its status API did not "
+          "confirm the rail off within 2 s", file=sys.stderr)
+    return EX_FAILURE
 
 
 def fetch_status(cfg: Config, timeout_s: float = 2.0) -> dict[str, Any]:

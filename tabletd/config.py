@@ -67,7 +67,6 @@ class SessionConfig:
 
     link_grace_s: float = field(default=10.0, metadata=_bounds(0, 60))
     calls_while_docked: bool = False
-    warning_s: int = field(default=60, metadata=_bounds(0, 600))
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,9 @@ def running_daemon_pid(paths: DaemonPaths) -> int | None:
         fd = os.open(paths.lock, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    except PermissionError as exc:
+        raise TabletdError(f"{paths.lock}: {exc.strerror} (run as the tabletd user or root)"
+                           ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -145,6 +148,7 @@ class Daemon:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = asyncio.Event()
         self._status_line = ""
+        self._device_watchdog: DeviceWatchdog | None = None
         self.on_action: Callable[[Action, int], None] | None = None  # observers (the demo)
 
     # ---- thread-safe entry points ------------------------------------------------------
@@ -205,13 +209,19 @@ class Daemon:
         self._restore()
         if fault is not None:
             self._handle(RailFaultDetected(fault))
+        # The switches' positions at start go straight in (not queued): READY's status
+        # must already show them. Later changes come from gpiozero's thread.
+        self._inhibit("privacy", hw.privacy.active)
+        self._inhibit("tamper", hw.tamper.active)
+        self._handle(PrivacyChanged(hw.privacy.active))
+        self._handle(TamperChanged(hw.tamper.active))
         hw.privacy.on_change(self._privacy_changed)
         hw.tamper.on_change(self._tamper_changed)
-        self._privacy_changed(hw.privacy.active)
-        self._tamper_changed(hw.tamper.active)
         self._handle(LinkChanged(False))  # no link yet: the link issue reports it
         for inp in hw.scripted_inputs(self.clock.boot_ns(), self.boot):
             self._handle(inp)
+        if cfg.watchdog.device:  # opened (armed) only once everything else is up
+            self._device_watchdog = DeviceWatchdog(cfg.watchdog.device, cfg.watchdog.timeout_s)
         self.hub = StatusHub(self.status)
         self.status_server = StatusServer(self.hub, cfg.status_api.host, cfg.status_api.port)
         await self.status_server.start()
@@ -221,9 +231,9 @@ class Daemon:
             loop.add_signal_handler(sig, self._stop.set)
         self.ready.set()
         self._update_status_line(force=True, ready=True)
-        log.info("ready: tabletd %s, device %s, rail off, status on %s:%d", __version__,
-                 cfg.device.id, cfg.status_api.host, self.status_server.port,
-                 extra={"EVENT": "ready"})
+        log.info("ready: tabletd %s, device %s, %s, status API on %s:%d", __version__,
+                 cfg.device.id, self._status_line, cfg.status_api.host,
+                 self.status_server.port, extra={"EVENT": "ready"})
 
     def _restore(self) -> None:
         try:
@@ -248,6 +258,9 @@ class Daemon:
             record = self.guard.stop()
             if record is not None and record.by == "stop":
                 self._record("rail_cut", _cut_fields(record))
+        if self._device_watchdog is not None:
+            # Disarm (magic close) only on an orderly stop; after a crash it keeps counting.
+            self._device_watchdog.close(disarm=self._stop.is_set())
         if self.hardware is not None:
             self.hardware.close()
         if self.store is not None:
@@ -284,28 +297,25 @@ class Daemon:
                 raise
 
     async def _pet_watchdogs(self) -> None:
-        """Layers (c) and (d): petted from the loop, so a blocked loop stops petting."""
+        """Layers (c) and (d): petted from the loop, so a blocked loop stops petting.
+
+        Also watches layer (b): if the enforcement thread died, cut and fail the daemon.
+        """
         sd = SystemdWatchdog(self.environ)
-        dev: DeviceWatchdog | None = None
-        if self.cfg.watchdog.device:
-            dev = DeviceWatchdog(self.cfg.watchdog.device, self.cfg.watchdog.timeout_s)
-        intervals = [i for i in (sd.interval_s,
-                                 self.cfg.watchdog.timeout_s / 3 if dev else None) if i]
-        if not intervals:
-            await self._stop.wait()
-            return
-        period = min(intervals)
-        try:
-            while True:
-                if sd.interval_s:
-                    self.notifier.send(WATCHDOG="1")
-                if dev is not None:
-                    dev.pet()
-                self._update_status_line()
-                await asyncio.sleep(period)
-        finally:
+        dev = self._device_watchdog
+        assert self.guard is not None
+        period = min(i for i in (sd.interval_s, self.cfg.watchdog.timeout_s / 3 if dev else None,
+                                 1.0) if i)
+        while True:
+            if not self.guard.alive:
+                self.guard.cut("enforcement_thread_died")
+                raise HardwareError("the rail enforcement thread died")
+            if sd.interval_s:
+                self.notifier.send(WATCHDOG="1")
             if dev is not None:
-                dev.close(disarm=self._stop.is_set())
+                dev.pet()
+            self._update_status_line()
+            await asyncio.sleep(period)
 
     # ---- input/action plumbing --------------------------------------------------------------
 
@@ -323,7 +333,7 @@ class Daemon:
                 case RailOff(reason=reason, due_ns=due):
                     cut = self.guard.cut(reason, due)
                     if cut is not None:
-                        self._record("rail_cut", _cut_fields(cut))
+                        self._record("rail_cut", {**_cut_fields(cut), **self._session_field()})
                 case RailOn(until_ns=until, cause=cause):
                     if not self.guard.power(until, cause):
                         log.warning("rail power refused by the guard (until %d)", until,
@@ -355,21 +365,24 @@ class Daemon:
             extra["SESSION_ID"] = event.session_id
         log.info("event %s %s", kind, dict(fields), extra=extra)
 
+    def _session_field(self) -> dict[str, str]:
+        grant = self.machine.snapshot.grant
+        return {} if grant is None else {"session_id": grant.session_id}
+
+    def _inhibit(self, name: str, active: bool) -> None:
+        assert self.guard is not None
+        if active:
+            self.guard.inhibit(name)
+        else:
+            self.guard.release(name)
+
     def _privacy_changed(self, engaged: bool) -> None:
         """From gpiozero's thread: the guard cuts at once, the machine hears it next."""
-        assert self.guard is not None
-        if engaged:
-            self.guard.inhibit("privacy")
-        else:
-            self.guard.release("privacy")
+        self._inhibit("privacy", engaged)
         self.submit(PrivacyChanged(engaged))
 
     def _tamper_changed(self, opened: bool) -> None:
-        assert self.guard is not None
-        if opened:
-            self.guard.inhibit("tamper")
-        else:
-            self.guard.release("tamper")
+        self._inhibit("tamper", opened)
         self.submit(TamperChanged(opened))
 
     def _cut_from_any_thread(self, record: CutRecord) -> None:

@@ -30,16 +30,21 @@ ignored and change nothing)::
     ---------   -----------------   ----------------------------   ---------  ---------------------
     IDLE/ENDED  GrantReceived       for this device, not expired   SCHEDULED  call_scheduled
     IDLE/ENDED  GrantReceived       otherwise                      (same)     grant_refused
-    SCHEDULED   GrantReceived       same session id                SCHEDULED  (none: idempotent)
+    SCHEDULED   GrantReceived       the identical grant again      SCHEDULED  (none: idempotent)
+    SCHEDULED   GrantReceived       any other grant                (same)     grant_refused
+    LIVE        GrantReceived       (as SCHEDULED)                 (same)     (as SCHEDULED)
     SCHEDULED   StartCall           id matches, inside window,     LIVE       call_started
-                                    no privacy, not docked
+                                    link up, no privacy, not       (else      (else
+                                    docked                          same)      call_start_refused)
     SCHEDULED   Tick                now >= grant.not_after         ENDED      call_ended(expired)
     SCHEDULED   EndByServer         id matches                     ENDED      call_ended(server_end)
     LIVE        Tick                now >= deadline                ENDED      call_ended(deadline)
     LIVE        EndByServer         id matches                     ENDED      call_ended(server_end)
-    LIVE        PrivacyChanged      engaged                        ENDED      call_ended(privacy)
-    LIVE        DockChanged         docked, calls not allowed      ENDED      call_ended(docked)
-    LIVE        LinkChanged         down / up                      LIVE       call_link_*
+    *           PrivacyChanged      changed (LIVE: engaged ends)   (ENDED)    privacy_* (+ end)
+    *           DockChanged         changed (LIVE: docked ends,    (ENDED)    docked/undocked
+                                    unless policy allows)                     (+ end)
+    *           LinkChanged         changed (LIVE: loss starts     (same)     LIVE: call_link_*
+                                    the grace, return resumes)
     *           TamperChanged       opened (not in FAULT)          LOCKED     tamper_opened (+ end)
     *           LockRequested       (not in FAULT)                 LOCKED     locked (+ end)
     *           RailFaultDetected                                  FAULT      fault (+ end)
@@ -352,7 +357,9 @@ class SessionMachine:
         else:
             self._snap = snap
             if snap.state is State.LIVE:
-                self._record("call_interrupted", cause="daemon_restart")
+                assert snap.grant is not None
+                self._record("call_interrupted", session_id=snap.grant.session_id,
+                             cause="daemon_restart")
         return self._finish(now, persist_anyway=True)
 
     # ---- the one entry point --------------------------------------------------------------
@@ -413,6 +420,8 @@ class SessionMachine:
             problem = "too_early"
         elif now >= g.not_after_ns:
             problem = "expired"
+        elif not self.link_up:
+            problem = "link_down"
         elif self.privacy:
             problem = "privacy_engaged"
         elif self.docked and not self.policy.calls_while_docked:

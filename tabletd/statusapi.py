@@ -27,22 +27,33 @@ class StatusHub:
 
     def __init__(self, build: Callable[[], dict[str, Any]]) -> None:
         self._build = build
-        self._changed = asyncio.Event()
+        self.version = 0
+        self._waiters: set[asyncio.Future[None]] = set()
 
     def status(self) -> dict[str, Any]:
         return self._build()
 
     def changed(self) -> None:
         """Call on the loop after anything in the status may have changed."""
-        self._changed.set()
+        self.version += 1
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
 
-    async def wait_changed(self, timeout_s: float) -> None:
+    async def wait_changed(self, since: int, timeout_s: float) -> None:
+        """Return once ``version`` has passed ``since``, or after ``timeout_s``."""
+        if self.version > since:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.add(waiter)
         try:
             async with asyncio.timeout(timeout_s):
-                await self._changed.wait()
+                await waiter
         except TimeoutError:
             return
-        self._changed = asyncio.Event()
+        finally:
+            self._waiters.discard(waiter)
 
 
 def _json_response(status: HTTPStatus, body: Any) -> Response:
@@ -96,10 +107,11 @@ class StatusServer:
     async def _stream(self, ws: ServerConnection) -> None:
         last = None
         while True:
+            seen = self.hub.version
             status = self.hub.status()
             body = json.dumps(status, sort_keys=True)
             if body != last:
                 await ws.send(body)
                 last = body
             live = status.get("session") is not None and status["session"]["state"] == "live"
-            await self.hub.wait_changed(1.0 if live else 30.0)
+            await self.hub.wait_changed(seen, 1.0 if live else 30.0)

@@ -81,6 +81,7 @@ class RailGuard:
         self._fault: str | None = None
         self._check_at: int | None = None
         self._last_cut: CutRecord | None = None
+        self._power_asked_ns = 0  # when power() was last called, granted or not
         self._stopping = False
         self._checked_once = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rail-enforcer", daemon=True)
@@ -117,6 +118,7 @@ class RailGuard:
         faulted or stopping."""
         with self._cond:
             now = self._clock.boot_ns()
+            self._power_asked_ns = now
             if self._fault or self._inhibits or self._stopping or now >= until_ns:
                 return False
             self._until = until_ns
@@ -124,7 +126,6 @@ class RailGuard:
             if not self._rail.commanded:
                 self._rail.drive(True)
                 self._check_at = now + self._sense_timeout_ns
-                self._last_cut = None  # the next cut is this power-on's
             self._cond.notify_all()
             return True
 
@@ -156,8 +157,14 @@ class RailGuard:
     # ---- views ---------------------------------------------------------------------------
 
     @property
+    def alive(self) -> bool:
+        """False once the enforcement thread died: the daemon must stop petting systemd."""
+        return self._thread.is_alive()
+
+    @property
     def rail_on(self) -> bool:
-        return self._rail.commanded
+        with self._cond:  # consistent with last_cut: a cut and its record go together
+            return self._rail.commanded
 
     @property
     def until_ns(self) -> int | None:
@@ -176,7 +183,10 @@ class RailGuard:
     def _cut_locked(self, reason: str, due_ns: int | None, by: str) -> CutRecord | None:
         self._until = None
         if not self._rail.commanded:
-            return self._last_cut
+            # Already off: the cut that did it, if it happened since power was last asked
+            # for (else the rail was never on for this call: no record to attach to it).
+            last = self._last_cut
+            return last if last is not None and last.at_ns >= self._power_asked_ns else None
         self._rail.drive(False)
         now = self._clock.boot_ns()
         record = CutRecord(now, reason, by, due_ns)

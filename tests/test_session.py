@@ -109,6 +109,13 @@ class TestLifecycle:
         assert refused.fields["reason"] == "privacy_engaged"
         assert m.state is State.SCHEDULED
 
+    def test_start_needs_the_link(self) -> None:
+        m = SessionMachine(Policy(device_id=DEVICE))  # link never came up
+        m.handle(GrantReceived(grant()), T0)
+        actions = m.handle(StartCall("s1"), T0)
+        assert [a.fields["reason"] for a in actions if isinstance(a, Record)] == ["link_down"]
+        assert m.state is State.SCHEDULED
+
     def test_grant_refusals(self) -> None:
         m = machine()
         actions = m.handle(GrantReceived(grant(device="someone-else")), T0)

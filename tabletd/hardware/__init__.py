@@ -56,6 +56,8 @@ def open_rail(cfg: Config, state_dir: Path) -> tuple[KillSwitch, SimWorld | None
         raise HardwareError(
             f"cannot claim rail GPIO{cfg.gpio.rail_enable}/GPIO{cfg.gpio.rail_sense}: {exc}"
         ) from exc
+    if world is not None:
+        world.set_sense_fault(cfg.sim.sense_fault)
     return rail, world
 
 
@@ -79,7 +81,7 @@ def open_hardware(cfg: Config, state_dir: Path) -> Hardware:
         raise HardwareError(f"cannot open GPIO inputs/LED: {exc}") from exc
     if world is not None:
         world.settle()
-    backlight = Backlight(_backlight_path(cfg, state_dir, world))
+    backlight = open_backlight(cfg, world)
     return Hardware(rail, privacy, tamper, led, backlight, world)
 
 
@@ -90,7 +92,8 @@ def _factory(cfg: Config, state_dir: Path) -> tuple[SimWorld | None, Any]:
     return None, None  # gpiozero's default factory: the real pins
 
 
-def _backlight_path(cfg: Config, state_dir: Path, world: SimWorld | None) -> Path | None:
+def open_backlight(cfg: Config, world: SimWorld | None) -> Backlight:
+    """The configured backlight; "auto" on the simulated board is its own file."""
     if world is not None and cfg.backlight.path == "auto":
-        return world.dir / "bl_power"
-    return find_backlight(cfg.backlight.path)
+        return Backlight(world.dir / "bl_power")
+    return Backlight(find_backlight(cfg.backlight.path))
