@@ -218,8 +218,6 @@ class Daemon:
         hw.privacy.on_change(self._privacy_changed)
         hw.tamper.on_change(self._tamper_changed)
         self._handle(LinkChanged(False))  # no link yet: the link issue reports it
-        for inp in hw.scripted_inputs(self.clock.boot_ns(), self.boot):
-            self._handle(inp)
         if cfg.watchdog.device:  # opened (armed) only once everything else is up
             self._device_watchdog = DeviceWatchdog(cfg.watchdog.device, cfg.watchdog.timeout_s)
         self.hub = StatusHub(self.status)
@@ -231,6 +229,10 @@ class Daemon:
             loop.add_signal_handler(sig, self._stop.set)
         self.ready.set()
         self._update_status_line(force=True, ready=True)
+        # READY goes out with the rail off; only then may the (simulated) board's own
+        # inputs, standing in for the server, reach the machine.
+        for inp in hw.scripted_inputs(self.clock.boot_ns(), self.boot):
+            self.submit(inp)
         log.info("ready: tabletd %s, device %s, %s, status API on %s:%d", __version__,
                  cfg.device.id, self._status_line, cfg.status_api.host,
                  self.status_server.port, extra={"EVENT": "ready"})

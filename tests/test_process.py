@@ -83,6 +83,14 @@ def daemon(tmp_path: Path, config: Path) -> Iterator[tuple[subprocess.Popen[byte
         notes.sock.close()
 
 
+def wait_rail_on(state: Path, within: float = 5.0) -> None:
+    """READY goes out with the rail off; the simulated board's call follows it."""
+    end = time.monotonic() + within
+    while not rail_file_state(state / "sim"):
+        assert time.monotonic() < end, "the simulated call never powered the rail"
+        time.sleep(0.01)
+
+
 def cli(config: Path, state: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*TABLETD, *args, "--config", str(config), "--state-dir", str(state)],
                           capture_output=True, text=True, timeout=30, check=False)
@@ -91,9 +99,10 @@ def cli(config: Path, state: Path, *args: str) -> subprocess.CompletedProcess[st
 def test_notify_status_stop_and_cutoff(daemon, config: Path) -> None:  # type: ignore[no-untyped-def]
     proc, notes, state = daemon
     ready = notes.wait_for("READY", "1")
-    assert "camera" in ready["STATUS"]  # plain words
+    assert ready["STATUS"] == "idle, camera off"  # plain words; READY with the rail off
     notes.wait_for("WATCHDOG", "1")
     # the simulated board granted a 30 s call: the rail is on
+    wait_rail_on(state)
     status = json.loads(cli(config, state, "status", "--json").stdout)
     assert status["rail"] == "on" and status["session"]["state"] == "live"
     assert 0 < status["session"]["remaining_ms"] <= 30_000
@@ -123,7 +132,7 @@ def test_notify_status_stop_and_cutoff(daemon, config: Path) -> None:  # type: i
 def test_sigkill_then_cutoff_turns_rail_off(daemon, config: Path) -> None:  # type: ignore[no-untyped-def]
     proc, notes, state = daemon
     notes.wait_for("READY", "1")
-    assert rail_file_state(state / "sim")
+    wait_rail_on(state)
     proc.kill()
     proc.wait(10)
     assert rail_file_state(state / "sim"), "the simulated line stays latched, like sysfs GPIO"
@@ -135,6 +144,7 @@ def test_sigkill_then_cutoff_turns_rail_off(daemon, config: Path) -> None:  # ty
 def test_cutoff_while_running_asks_the_daemon(daemon, config: Path) -> None:  # type: ignore[no-untyped-def]
     proc, notes, state = daemon
     notes.wait_for("READY", "1")
+    wait_rail_on(state)
     out = cli(config, state, "cutoff")
     assert out.returncode == 0 and f"pid {proc.pid}" in out.stdout
     notes.wait_for("STATUS", "LOCKED (engineer_cutoff), camera off")
@@ -142,8 +152,9 @@ def test_cutoff_while_running_asks_the_daemon(daemon, config: Path) -> None:  # 
 
 
 def test_status_api_get_and_push(daemon, config: Path) -> None:  # type: ignore[no-untyped-def]
-    proc, notes, _state = daemon
+    proc, notes, state = daemon
     notes.wait_for("READY", "1")
+    wait_rail_on(state)
     port = int(config.read_text().split("port = ")[1].split()[0])
 
     async def scenario() -> None:
