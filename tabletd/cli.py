@@ -81,6 +81,8 @@ def cmd_cutoff(args: argparse.Namespace, cfg: Config) -> int:
         sensed = rail.sensed
     finally:
         rail.close()
+        if world is not None:
+            world.close()
     status = 0
     problems: list[str] = []
     if sensed:

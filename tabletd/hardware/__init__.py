@@ -45,6 +45,8 @@ class Hardware:
                 part.close()
             except Exception:
                 log.exception("closing %s failed", type(part).__name__)
+        if self.sim is not None:
+            self.sim.close()
 
 
 def open_rail(cfg: Config, state_dir: Path) -> tuple[KillSwitch, SimWorld | None]:

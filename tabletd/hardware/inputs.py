@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from gpiozero import Button
+from gpiozero import DigitalInputDevice
 
 
 class Switch:
@@ -17,18 +17,20 @@ class Switch:
     """
 
     def __init__(self, pin: int, factory: Any, *, active_when_closed: bool) -> None:
-        self._button = Button(pin, pull_up=True, bounce_time=None, pin_factory=factory)
+        # DigitalInputDevice, not Button: Button's "held" thread wakes ten times a second
+        # and delays close() by up to a second. Pulled up: closed (to ground) = active.
+        self._button = DigitalInputDevice(pin, pull_up=True, pin_factory=factory)
         self._active_when_closed = active_when_closed
         self._callback: Callable[[bool], None] | None = None
 
     @property
     def active(self) -> bool:
-        return bool(self._button.is_pressed) == self._active_when_closed
+        return bool(self._button.is_active) == self._active_when_closed
 
     def on_change(self, callback: Callable[[bool], None]) -> None:
         self._callback = callback
-        self._button.when_pressed = self._changed
-        self._button.when_released = self._changed
+        self._button.when_activated = self._changed
+        self._button.when_deactivated = self._changed
 
     def _changed(self) -> None:
         if self._callback is not None:
