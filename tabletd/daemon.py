@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._status_line = ""
         self._device_watchdog: DeviceWatchdog | None = None
+        self._previous_sigusr1: Any = None
         self.on_action: Callable[[Action, int], None] | None = None  # observers (the demo)
 
     # ---- thread-safe entry points ------------------------------------------------------
@@ -158,10 +160,7 @@ class Daemon:
         loop = self._loop
         if loop is None:
             raise RuntimeError("daemon not running")
-        if threading_is_loop_thread(loop):
-            self._queue.put_nowait(inp)
-        else:
-            loop.call_soon_threadsafe(self._queue.put_nowait, inp)
+        loop.call_soon_threadsafe(self._queue.put_nowait, inp)
 
     def request_stop(self) -> None:
         loop = self._loop
@@ -223,7 +222,7 @@ class Daemon:
         self.hub = StatusHub(self.status)
         self.status_server = StatusServer(self.hub, cfg.status_api.host, cfg.status_api.port)
         await self.status_server.start()
-        signal.signal(signal.SIGUSR1, self._engineer_cutoff)
+        self._previous_sigusr1 = signal.signal(signal.SIGUSR1, self._on_sigusr1)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -256,6 +255,8 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self.notifier.send(STOPPING="1", STATUS="stopping: camera rail off")
+        if self._previous_sigusr1 is not None:
+            signal.signal(signal.SIGUSR1, self._previous_sigusr1)
         if self.guard is not None:
             record = self.guard.stop()
             if record is not None and record.by == "stop":
@@ -292,10 +293,7 @@ class Daemon:
                 self._handle(inp)
             except Exception:
                 # Invariant 4: on any unexpected error, the rail is cut first.
-                assert self.guard is not None
-                self.guard.cut("internal_error")
-                log.critical("internal error handling %r; rail cut", inp, exc_info=True,
-                             extra={"EVENT": "fault"})
+                self._emergency_cut("internal_error", f"internal error handling {inp!r}")
                 raise
 
     async def _pet_watchdogs(self) -> None:
@@ -310,7 +308,7 @@ class Daemon:
                                  1.0) if i)
         while True:
             if not self.guard.alive:
-                self.guard.cut("enforcement_thread_died")
+                self._emergency_cut("enforcement_thread_died", "the enforcement thread died")
                 raise HardwareError("the rail enforcement thread died")
             if sd.interval_s:
                 self.notifier.send(WATCHDOG="1")
@@ -387,18 +385,37 @@ class Daemon:
         self._inhibit("tamper", opened)
         self.submit(TamperChanged(opened))
 
+    def _emergency_cut(self, reason: str, why: str) -> None:
+        """Cut first; then try to record it (invariant 6), though the store may be what
+        failed: the cut never depends on the record."""
+        assert self.guard is not None
+        cut = self.guard.cut(reason)
+        log.critical("%s; camera rail cut", why, exc_info=sys.exc_info()[0] is not None,
+                     extra={"EVENT": "fault"})
+        if cut is not None:
+            try:
+                self._record("rail_cut", {**_cut_fields(cut), **self._session_field()})
+            except Exception:
+                log.exception("could not record the emergency cut")
+
     def _cut_from_any_thread(self, record: CutRecord) -> None:
         loop = self._loop
         if loop is not None and self.hub is not None:
             loop.call_soon_threadsafe(self.hub.changed)
 
-    def _engineer_cutoff(self, signum: int, frame: FrameType | None) -> None:
-        """SIGUSR1 from ``tabletd cutoff`` while we hold the pins. A plain signal handler
-        (not the loop's): it runs in the main thread even while the loop is busy."""
-        assert self.guard is not None
+    def _on_sigusr1(self, signum: int, frame: FrameType | None) -> None:
+        """SIGUSR1 from ``tabletd cutoff`` while we hold the pins.
+
+        A plain signal handler (not the loop's), so a busy loop does not delay it; it only
+        starts a thread, because the main thread may be inside the guard's lock right now
+        (the lock is not reentrant, and a cut in the middle of ``power()`` could be undone).
+        """
+        threading.Thread(target=self._engineer_cutoff, name="engineer-cutoff").start()
+
+    def _engineer_cutoff(self) -> None:
+        assert self.guard is not None and self.hardware is not None
         self.guard.cut("engineer_cutoff")
         self.submit(LockRequested("engineer_cutoff"))
-        assert self.hardware is not None
         with contextlib.suppress(HardwareError):
             self.hardware.backlight.set(False)
 
@@ -472,13 +489,6 @@ class Daemon:
 
 class _Stopped(Exception):
     """Raised inside the TaskGroup to end it on SIGTERM."""
-
-
-def threading_is_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
-    try:
-        return asyncio.get_running_loop() is loop
-    except RuntimeError:
-        return False
 
 
 def _cut_fields(cut: CutRecord, prefix: str = "") -> dict[str, Any]:

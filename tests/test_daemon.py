@@ -6,16 +6,20 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from tabletd.clock import NS_PER_S, BootClock, boot_id
 from tabletd.events import EventStore
 from tabletd.persistence import StateFile
 from tabletd.session import (
+    EndByServer,
     Grant,
     GrantReceived,
     LinkChanged,
     Snapshot,
     StartCall,
     State,
+    Tick,
 )
 
 from .conftest import sim_config, wait_for
@@ -225,3 +229,45 @@ async def test_corrupt_state_file_fails_closed(start_daemon, tmp_path: Path) -> 
     assert "state_file_corrupt" in event_kinds(state)
     # and it was rewritten, valid
     assert json.loads((state / "session.json").read_text())["snapshot"]["state"] == "idle"
+
+
+async def test_unexpected_error_cuts_first_and_records_it(start_daemon, tmp_path: Path) -> None:
+    """Invariant 4: an error inside the core cuts the rail before the daemon fails."""
+    run = await start_daemon()
+    d = run.daemon
+    await start_live_call(d, 30)
+
+    def broken_save(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    d.state_file.save = broken_save  # type: ignore[method-assign]
+    d.submit(EndByServer("call-1"))  # ends the call: the machine persists, which fails
+    with pytest.raises(ExceptionGroup) as exc:
+        await run.task
+    assert exc.group_contains(OSError)
+    assert not d.hardware.sim.rail_file_state()
+    store = EventStore(tmp_path / "state" / "events.sqlite")
+    cuts = [e.fields for e in store.all() if e.kind == "rail_cut"]
+    store.close()
+    assert cuts and cuts[0]["reason"] == "server_end"  # the machine's own cut came first
+
+
+async def test_error_before_the_cut_is_cut_by_the_emergency_path(start_daemon,
+                                                                  tmp_path: Path) -> None:
+    run = await start_daemon()
+    d = run.daemon
+    await start_live_call(d, 30)
+
+    def broken_handle(inp: object, now: int) -> list[object]:
+        raise RuntimeError("bug in the machine")
+
+    d.machine.handle = broken_handle  # type: ignore[method-assign,assignment]
+    d.submit(Tick())
+    with pytest.raises(ExceptionGroup):
+        await run.task
+    assert not d.hardware.sim.rail_file_state()
+    store = EventStore(tmp_path / "state" / "events.sqlite")
+    cuts = [e.fields for e in store.all() if e.kind == "rail_cut"]
+    store.close()
+    assert cuts == [{"by": "loop", "lateness_ms": None, "reason": "internal_error",
+                     "session_id": "call-1"}]
