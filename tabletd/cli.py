@@ -42,13 +42,17 @@ def state_dir_for(args: argparse.Namespace, cfg: Config) -> Path:
     return Path(cfg.paths.state_dir)
 
 
+def _config_problems(exc: ConfigError) -> int:
+    for problem in exc.problems:
+        print(problem, file=sys.stderr)
+    return EX_CONFIG
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.file)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return EX_CONFIG
+        return _config_problems(exc)
     print(f"{args.file}: OK (device {cfg.device.id}, backend {cfg.hardware.backend})")
     return EX_OK
 
@@ -213,9 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return EX_CONFIG
+        return _config_problems(exc)
     try:
         if args.command == "run":
             return cmd_run(args, cfg)

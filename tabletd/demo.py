@@ -17,6 +17,7 @@ from pathlib import Path
 from tabletd.clock import NS_PER_MS, NS_PER_S
 from tabletd.config import Config
 from tabletd.daemon import Daemon
+from tabletd.events import EventStore
 from tabletd.logs import setup_logging
 from tabletd.session import (
     Action,
@@ -121,10 +122,7 @@ async def _scenario(cfg: Config, state_dir: Path, call_s: float, block_s: float)
           f"{cut.lateness_ns / NS_PER_MS:.3f} ms after the deadline (budget 20 ms)")
     print(f"  rail now: {'ON' if rail_now else 'off'}")
     print("\ndurable event log (events.sqlite)")
-    assert daemon.store is not None
-    from tabletd.events import EventStore
-
-    store = EventStore(daemon.paths.events)
+    store = EventStore(daemon.paths.events)  # the daemon closed its own on stop
     for ev in store.all():
         print(f"  #{ev.seq:<3} {ev.kind:<18} {dict(ev.fields)}")
     store.close()

@@ -197,7 +197,7 @@ class RailGuard:
             self._on_cut(record)
         return record
 
-    def _check_sense_locked(self, now: int) -> str | None:
+    def _check_sense_locked(self) -> str | None:
         commanded, sensed = self._rail.commanded, self._rail.sensed
         self._check_at = None
         if commanded == sensed or self._fault is not None:
@@ -222,10 +222,10 @@ class RailGuard:
                 if self._until is not None and now >= self._until:
                     self._cut_locked(self._until_cause, self._until, "thread")
                 if self._check_at is not None and now >= self._check_at:
-                    fault = self._check_sense_locked(now)
+                    fault = self._check_sense_locked()
                     self._checked_once.set()
                 elif now >= next_poll:
-                    fault = self._check_sense_locked(now)
+                    fault = self._check_sense_locked()
                     next_poll = now + self._sense_poll_ns
                 wake = min(
                     t for t in (self._until, self._check_at, next_poll) if t is not None
