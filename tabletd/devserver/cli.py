@@ -1,0 +1,274 @@
+"""REFERENCE SERVER — development and tests only, never installed on a tablet.
+
+``tabletd-devserver``: the reference central server's command line. ``serve`` runs the
+server; every other subcommand works on the server directory's store and exits, and the
+running server picks bookings and commands up from the store within 50 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from tabletd.devserver import BANNER, DevServerError, ca
+from tabletd.devserver.store import Store
+
+log = logging.getLogger("tabletd.devserver")
+
+EX_OK = 0
+EX_FAILURE = 1
+
+DESCRIPTION = f"""{BANNER}.
+
+The tabletd reference central server (docs/protocol.md, server side): a development CA,
+a device registry, call booking with signed grants, staff end/lock/unlock, and an event
+store that deduplicates. `serve` runs the server; the other subcommands change or read
+its store (DIR/store.sqlite) and the running server picks changes up within 50 ms.
+
+Typical use:
+  tabletd-devserver init srv
+  tabletd-devserver device add srv tablet-1     # prints the tablet's [link] config
+  tabletd-devserver serve srv --port 8443 &
+  tabletd-devserver book srv tablet-1 --in 10 --duration 60 --contact "Marie"
+  tabletd-devserver events srv
+"""
+
+
+def _now_ms() -> int:
+    return int(datetime.datetime.now(datetime.UTC).timestamp() * 1000)
+
+
+def _fmt_ms(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime(
+        "%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    ca.init(directory)
+    Store.open(directory).close()
+    print(f"{directory}: development CA, server certificate (127.0.0.1, localhost), grant "
+          "signing key and store created")
+    print(f"grant public key: {ca.grant_public_key_b64(directory)}")
+    return EX_OK
+
+
+def cmd_device_add(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    device_id = ca.check_device_id(args.device_id)
+    with Store.open(directory) as store:
+        if store.device(device_id) is not None:
+            raise DevServerError(f"device {device_id}: already registered")
+        key_path, cert_path = ca.issue_device(directory, device_id)
+        store.add_device(device_id, _now_ms())
+    print(f"device {device_id} registered; its identity is in {key_path.parent}/")
+    print("tablet configuration:")
+    print("[device]")
+    print(f'id = "{device_id}"')
+    print("[link]")
+    print('url = "wss://127.0.0.1:8443/"')
+    print(f'ca_file = "{(key_path.parent / ca.CA_CERT).resolve()}"')
+    print(f'cert_file = "{cert_path.resolve()}"')
+    print(f'key_file = "{key_path.resolve()}"')
+    print(f'grant_public_key = "{ca.grant_public_key_b64(directory)}"')
+    return EX_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tabletd.devserver.server import DevServer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    server = DevServer(Path(args.dir), host=args.host, port=args.port,
+                       clock_offset_ms=args.clock_offset_ms)
+
+    async def run() -> None:
+        await server.start()
+        this = asyncio.current_task()
+        assert this is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, this.cancel)
+        print(f"{BANNER}\nlistening on wss://{args.host}:{server.port}/ "
+              f"(clock offset {args.clock_offset_ms:+d} ms); Ctrl-C stops", flush=True)
+        try:
+            await server.serve_forever()
+        except asyncio.CancelledError:
+            log.info("SIGTERM: stopping")
+        finally:
+            await server.stop()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+    return EX_OK
+
+
+def cmd_book(args: argparse.Namespace) -> int:
+    from tabletd.devserver.server import book
+
+    with Store.open(Path(args.dir)) as store:
+        now = _now_ms() + store.clock_offset_ms()  # the server's (possibly skewed) clock
+        session_id = book(store, args.device, now_ms=now, in_s=args.in_s,
+                          duration_s=args.duration, contact=args.contact)
+        booking = store.booking(session_id)
+    assert booking is not None
+    print(session_id)
+    print(f"  device {booking.device_id}, contact {booking.contact!r}, starts "
+          f"{_fmt_ms(booking.start_at_ms)} for {booking.duration_s} s, hard end "
+          f"{_fmt_ms(booking.not_after_ms)} (server time)", file=sys.stderr)
+    return EX_OK
+
+
+def cmd_end(args: argparse.Namespace) -> int:
+    with Store.open(Path(args.dir)) as store:
+        before = store.request_end(args.session_id, _now_ms() + store.clock_offset_ms())
+    if before.state == "booked":
+        print(f"{args.session_id}: cancelled (its grant was never sent)")
+    elif before.state == "granted":
+        print(f"{args.session_id}: cancelled; `end` queued for {before.device_id}")
+    else:
+        print(f"{args.session_id}: `end` queued for {before.device_id}")
+    return EX_OK
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    with Store.open(Path(args.dir)) as store:
+        store.queue_command(args.device, "lock", _now_ms() + store.clock_offset_ms(),
+                            reason=args.reason)
+    print(f"{args.device}: `lock` queued ({args.reason})")
+    return EX_OK
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    with Store.open(Path(args.dir)) as store:
+        store.queue_command(args.device, "unlock", _now_ms() + store.clock_offset_ms())
+    print(f"{args.device}: `unlock` queued")
+    return EX_OK
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    with Store.open(Path(args.dir)) as store:
+        events = store.events(args.device)
+        duplicates = store.duplicates_received(args.device)
+    if args.json:
+        for stored in events:
+            print(json.dumps(asdict(stored), sort_keys=True))
+        return EX_OK
+    for ev in events:
+        fields = " ".join(f"{k}={v}" for k, v in sorted(ev.fields.items()))
+        print(f"{ev.device_id} #{ev.seq:<5} {ev.kind:<16} {ev.session_id or '-':<18} "
+              f"{fields}")
+    print(f"{len(events)} events, {duplicates} duplicates received", file=sys.stderr)
+    return EX_OK
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    with Store.open(Path(args.dir)) as store:
+        devices = store.devices()
+    for d in devices:
+        state = "connected" if d.connected else "offline"
+        locked = {None: "-", True: "locked", False: "unlocked"}[d.locked]
+        print(f"{d.id:<20} {state:<10} last seen {_fmt_ms(d.last_seen_ms)}  {locked:<8} "
+              f"software {d.software or '-'}")
+    if not devices:
+        print("no devices; add one with `tabletd-devserver device add DIR ID`",
+              file=sys.stderr)
+    return EX_OK
+
+
+def cmd_bookings(args: argparse.Namespace) -> int:
+    with Store.open(Path(args.dir)) as store:
+        bookings = store.bookings(args.device)
+    for b in bookings:
+        print(f"{b.session_id:<18} {b.device_id:<16} {b.state:<9} start "
+              f"{_fmt_ms(b.start_at_ms)} {b.duration_s:>5} s  {b.contact!r}"
+              + (f"  end: {b.end_reason}" if b.end_reason else ""))
+    return EX_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tabletd-devserver", description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="create a server directory: CA, server cert, grant key")
+    p.add_argument("dir", metavar="DIR")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("device", help="manage devices")
+    device_sub = p.add_subparsers(dest="device_command", required=True, metavar="ACTION")
+    p = device_sub.add_parser("add", help="register a device and issue its key and "
+                              "certificate into DIR/devices/ID/")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("device_id", metavar="DEVICE_ID")
+    p.set_defaults(func=cmd_device_add)
+
+    p = sub.add_parser("serve", help=f"run the server ({BANNER})")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8443)
+    p.add_argument("--clock-offset-ms", type=int, default=0, metavar="N",
+                   help="skew the server clock by N ms (e.g. 3600000: an hour ahead)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("book", help="book a call; prints its session id")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("device", metavar="DEVICE")
+    p.add_argument("--in", dest="in_s", type=float, required=True, metavar="SECONDS",
+                   help="the call starts (server sends `start`) this many seconds from now")
+    p.add_argument("--duration", type=int, required=True, metavar="SECONDS",
+                   help="the call's length once started (1-7200)")
+    p.add_argument("--contact", default="Relative", metavar="LABEL",
+                   help="the relative's label shown on the tablet (at most 64 characters)")
+    p.set_defaults(func=cmd_book)
+
+    p = sub.add_parser("end", help="staff end (or cancel) a call")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("session_id", metavar="SESSION_ID")
+    p.set_defaults(func=cmd_end)
+
+    p = sub.add_parser("lock", help="lock a tablet (ends any call)")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("device", metavar="DEVICE")
+    p.add_argument("--reason", default="staff", metavar="R")
+    p.set_defaults(func=cmd_lock)
+
+    p = sub.add_parser("unlock", help="unlock a tablet")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("device", metavar="DEVICE")
+    p.set_defaults(func=cmd_unlock)
+
+    p = sub.add_parser("events", help="events received from tablets (deduplicated)")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--device", metavar="D")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_events)
+
+    p = sub.add_parser("devices", help="registered devices and their link state")
+    p.add_argument("dir", metavar="DIR")
+    p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("bookings", help="booked calls and their state")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--device", metavar="D")
+    p.set_defaults(func=cmd_bookings)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except DevServerError as exc:
+        print(f"tabletd-devserver: {exc}", file=sys.stderr)
+        return EX_FAILURE
+    return code

@@ -1,0 +1,478 @@
+"""REFERENCE SERVER — development and tests only, never installed on a tablet.
+
+The server side of ``docs/protocol.md`` version 1, over ``websockets``' asyncio API.
+
+Theory of operation
+-------------------
+:class:`DevServer` listens with TLS that requires a client certificate chaining to the
+development CA (``ssl.CERT_REQUIRED``, protocol section 1) and selects the subprotocol
+``tabletd.v1`` (a client offering anything else is refused with HTTP 400 by websockets).
+The device id is the client certificate's CN.
+
+Each connection: the first message must be a ``hello`` whose ``device_id`` equals the CN of
+a registered device, else the server answers ``error`` (``refused`` or ``bad_message``) and
+closes with 1008. Otherwise it answers ``welcome`` carrying ``server_time_ms`` read while
+answering (section 2). From then on every text frame is decoded with the strict codec
+(:func:`tabletd.link.messages.decode_device_message`); an invalid one is answered with
+``error`` and the connection stays up (section 3). Events are queued to a per-connection
+writer that commits them in batches (one durable SQLite transaction per batch, duplicates
+counted, not stored again) and only then sends one ``ack`` for the batch (section 3.3).
+
+One scheduler task wakes every ``tick_s`` (50 ms), reads the store (the CLI books and queues
+commands from another process) and, for each connected device: signs and sends the
+``grant`` of a booking when due (:mod:`.policy`), re-sends a stored grant byte-identical on a
+new connection unless the tablet's hello shows it already holds that session, sends
+``start`` at the booked start, and sends queued ``end``/``lock``/``unlock`` commands.
+
+``clock_offset_ms`` skews the server clock (every ``_ms`` time it sends or stores) to test
+tablets against a server an hour ahead or behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
+
+from tabletd.devserver import DevServerError, ca, policy
+from tabletd.devserver.store import (
+    Booking,
+    Command,
+    EventRecord,
+    Store,
+    StoredEvent,
+    TabletError,
+)
+from tabletd.link import messages
+from tabletd.link.grants import sign_grant
+from tabletd.link.messages import (
+    Ack,
+    DeviceMessage,
+    End,
+    ErrorMsg,
+    EventMsg,
+    GrantMsg,
+    Hello,
+    Lock,
+    ProtocolError,
+    Start,
+    Unlock,
+    Welcome,
+    decode_device_message,
+    encode,
+    error_for,
+)
+
+log = logging.getLogger("tabletd.devserver")
+
+SUBPROTOCOL = Subprotocol(messages.SUBPROTOCOL)
+MAX_FRAME = messages.MAX_MESSAGE_BYTES  # section 1: larger frames close with 1009
+HELLO_TIMEOUT_S = 10.0
+MAX_ACK_IDS = messages.MAX_ACK_IDS  # section 3.2: an ack carries 1 to 1000 ids
+CLOSE_POLICY = 1008
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(eq=False)
+class _Connection:
+    """One welcomed tablet connection and what was sent on it."""
+
+    device_id: str
+    ws: ServerConnection
+    session_id: str | None  # the tablet's current session, from its hello
+    session_state: str | None
+    grants_sent: set[str] = field(default_factory=set)
+    starts_sent: set[str] = field(default_factory=set)
+    pending: list[EventRecord] = field(default_factory=list)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class DevServer:
+    """The reference central server on ``host:port`` for the server directory ``directory``
+    (made by ``tabletd-devserver init``; see :mod:`tabletd.devserver`).
+
+    Use ``await start()`` / ``await stop()`` or ``async with``. :attr:`port` is the bound
+    port (useful with ``port=0``). The test verbs (:meth:`book`, :meth:`end`, :meth:`lock`,
+    :meth:`unlock`) write to the store exactly as the CLI does; the scheduler delivers.
+    Raises :class:`DevServerError` from :meth:`start` if the directory's CA, keys or store
+    are unusable.
+    """
+
+    def __init__(self, directory: Path, host: str = "127.0.0.1", port: int = 0,
+                 clock_offset_ms: int = 0, *, tick_s: float = 0.05,
+                 wall_ms: Callable[[], int] = wall_clock_ms) -> None:
+        self.directory = Path(directory)
+        self.host = host
+        self._port = port
+        self.clock_offset_ms = clock_offset_ms
+        self.tick_s = tick_s
+        self._wall_ms = wall_ms
+        self._connections: dict[str, _Connection] = {}
+        self._server: Server | None = None
+        self._scheduler: asyncio.Task[None] | None = None
+        self._store: Store | None = None  # reads and light writes on the loop
+        self._event_store: Store | None = None  # event batches, from a worker thread
+        self.messages_refused = 0  # invalid tablet messages answered with `error`
+
+    # -- life cycle ------------------------------------------------------------------
+
+    def now_ms(self) -> int:
+        """The server's clock (skewed by ``clock_offset_ms``), ms since the epoch."""
+        return self._wall_ms() + self.clock_offset_ms
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            return self._port
+        sock = next(iter(self._server.sockets))
+        return int(sock.getsockname()[1])
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise DevServerError("the reference server is not started")
+        return self._store
+
+    async def start(self) -> None:
+        """Open the store, load the keys, listen, start the scheduler."""
+        self._grant_key = ca.load_grant_key(self.directory)
+        tls = self.ssl_context()
+        self._store = Store.open(self.directory)
+        self._event_store = Store.open(self.directory)
+        self._store.reset_connections()
+        self._store.set_clock_offset_ms(self.clock_offset_ms)
+        self._server = await serve(
+            self._handle, self.host, self._port, ssl=tls, subprotocols=[SUBPROTOCOL],
+            max_size=MAX_FRAME, ping_interval=20, ping_timeout=20, close_timeout=2,
+            server_header="tabletd-devserver (REFERENCE SERVER, development only)",
+        )
+        self._scheduler = asyncio.create_task(self._schedule(), name="devserver-scheduler")
+        log.info("reference server listening on %s:%d (clock offset %+d ms)", self.host,
+                 self.port, self.clock_offset_ms)
+
+    async def stop(self) -> None:
+        """Close every connection (1001), stop the scheduler, close the store. Idempotent."""
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scheduler
+            self._scheduler = None
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for store in (self._store, self._event_store):
+            if store is not None:
+                store.close()
+        self._store = self._event_store = None
+
+    async def __aenter__(self) -> DevServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def serve_forever(self) -> None:
+        """For the CLI: run until cancelled."""
+        if self._server is None:
+            await self.start()
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """Server TLS: the server identity, client certificates required from the dev CA."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        cert, key, ca_file = (self.directory / ca.SERVER_CERT, self.directory / ca.SERVER_KEY,
+                              self.directory / ca.CA_CERT)
+        try:
+            ctx.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise DevServerError(f"{cert} / {key}: cannot load the server identity ({exc}); "
+                                 "run `tabletd-devserver init` first") from exc
+        try:
+            ctx.load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise DevServerError(f"{ca_file}: cannot load the CA ({exc})") from exc
+        return ctx
+
+    # -- test verbs (the CLI does the same on the store) -----------------------------
+
+    def book(self, device_id: str, in_s: float, duration_s: int,
+             contact: str = "Relative") -> str:
+        """Book a call starting ``in_s`` seconds from now; returns its session id."""
+        return book(self.store, device_id, now_ms=self.now_ms(), in_s=in_s,
+                    duration_s=duration_s, contact=contact)
+
+    def end(self, session_id: str) -> None:
+        """Staff end (or cancel) a call; see :meth:`Store.request_end`."""
+        self.store.request_end(session_id, self.now_ms())
+
+    def lock(self, device_id: str, reason: str = "staff") -> None:
+        self.store.queue_command(device_id, "lock", self.now_ms(), reason=reason)
+
+    def unlock(self, device_id: str) -> None:
+        self.store.queue_command(device_id, "unlock", self.now_ms())
+
+    def events(self, device_id: str | None = None) -> list[StoredEvent]:
+        return self.store.events(device_id)
+
+    @property
+    def duplicates_received(self) -> int:
+        return self.store.duplicates_received()
+
+    def tablet_errors(self, device_id: str | None = None) -> list[TabletError]:
+        """The ``error`` messages tablets sent (refused grants, bad messages...)."""
+        return self.store.tablet_errors(device_id)
+
+    def booking(self, session_id: str) -> Booking | None:
+        return self.store.booking(session_id)
+
+    def connected(self, device_id: str) -> bool:
+        return device_id in self._connections
+
+    # -- one connection --------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        cn = _peer_common_name(ws)
+        hello = await self._receive_hello(ws, cn)
+        if hello is None:
+            return
+        assert cn is not None
+        session = hello.session
+        conn = _Connection(cn, ws, session_id=session.id if session else None,
+                           session_state=session.state if session else None)
+        await asyncio.to_thread(self._events().set_connected, cn, self.now_ms(),
+                                connected=True, software=hello.software,
+                                boot_id=hello.boot_id, locked=hello.locked)
+        try:
+            await ws.send(encode(Welcome(server_time_ms=self.now_ms())))
+        except ConnectionClosed:
+            return
+        previous = self._connections.get(cn)
+        self._connections[cn] = conn
+        log.info("device %s connected (software %s, session %s)", cn, hello.software,
+                 conn.session_id)
+        if previous is not None:
+            await previous.ws.close(1000, "replaced by a newer connection")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                writer = tg.create_task(self._write_events(conn), name=f"events-{cn}")
+                await self._receive(conn)
+                writer.cancel()
+        finally:
+            if conn.pending:  # stored, never acknowledged: the tablet sends them again
+                await asyncio.to_thread(self._events().add_events, cn, conn.pending,
+                                        self.now_ms())
+            if self._connections.get(cn) is conn:
+                del self._connections[cn]
+                if self._event_store is not None:
+                    await asyncio.to_thread(self._event_store.set_connected, cn,
+                                            self.now_ms(), connected=False)
+            log.info("device %s disconnected (%s)", cn, ws.close_reason or ws.close_code)
+
+    async def _receive_hello(self, ws: ServerConnection, cn: str | None) -> Hello | None:
+        """The first message, if it is an acceptable hello; else answer, close, None."""
+        try:
+            async with asyncio.timeout(HELLO_TIMEOUT_S):
+                first = await ws.recv()
+        except TimeoutError:
+            await ws.close(CLOSE_POLICY, "no hello")
+            return None
+        except ConnectionClosed:
+            return None
+        problem: ErrorMsg | None = None
+        try:
+            msg = self._decode(first)
+        except ProtocolError as exc:
+            problem = error_for(exc)
+        else:
+            if not isinstance(msg, Hello):
+                problem = ErrorMsg(code="bad_message", ref=None,
+                                   detail=f"expected hello first, got {_type_name(msg)}")
+            elif cn is None or self.store.device(cn) is None:
+                problem = ErrorMsg(code="refused", ref=None,
+                                   detail=f"device {cn!r} is not registered on this server")
+            elif msg.device_id != cn:
+                problem = ErrorMsg(code="refused", ref=None,
+                                   detail=f"hello device_id {msg.device_id!r} differs from "
+                                          f"the certificate's CN {cn!r}")
+            else:
+                return msg
+        log.warning("refusing connection from %s: %s", cn, problem.detail)
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(encode(problem))
+        await ws.close(CLOSE_POLICY, problem.code)
+        return None
+
+    async def _receive(self, conn: _Connection) -> None:
+        """Every frame until the connection closes; nothing malformed ends it."""
+        with contextlib.suppress(ConnectionClosed):
+            async for data in conn.ws:
+                try:
+                    msg = self._decode(data)
+                except ProtocolError as exc:
+                    await self._refuse(conn, error_for(exc))
+                    continue
+                if isinstance(msg, EventMsg):
+                    conn.pending.append(_event_record(msg))
+                    conn.wake.set()
+                elif isinstance(msg, ErrorMsg):
+                    log.warning("device %s answered error %s: %s (ref %s)", conn.device_id,
+                                msg.code, msg.detail, msg.ref)
+                    await asyncio.to_thread(self._events().add_tablet_error, conn.device_id,
+                                            msg.code, msg.detail, msg.ref, self.now_ms())
+                else:
+                    await self._refuse(conn, ErrorMsg(
+                        code="bad_message", ref=None,
+                        detail=f"{_type_name(msg)} is only valid as the first message"))
+
+    async def _refuse(self, conn: _Connection, error: ErrorMsg) -> None:
+        self.messages_refused += 1
+        log.warning("device %s sent an invalid message: %s: %s", conn.device_id, error.code,
+                    error.detail)
+        await conn.ws.send(encode(error))
+
+    @staticmethod
+    def _decode(data: str | bytes) -> DeviceMessage:
+        if isinstance(data, bytes):
+            raise ProtocolError("bad_message", "binary frames are reserved for media "
+                                "(docs/protocol.md section 6)")
+        return decode_device_message(data)
+
+    async def _write_events(self, conn: _Connection) -> None:
+        """Commit queued events in batches, then acknowledge each batch (section 3.3)."""
+        store = self._events()
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await conn.wake.wait()
+                conn.wake.clear()
+                while conn.pending:
+                    batch = conn.pending[:MAX_ACK_IDS]
+                    await asyncio.to_thread(store.add_events, conn.device_id, batch,
+                                            self.now_ms())
+                    del conn.pending[:len(batch)]
+                    ids = tuple(dict.fromkeys(ev.id for ev in batch))  # once each
+                    await conn.ws.send(encode(Ack(ids=ids)))
+
+    def _events(self) -> Store:
+        if self._event_store is None:
+            raise DevServerError("the reference server is not started")
+        return self._event_store
+
+    # -- the scheduler ---------------------------------------------------------------
+
+    async def _schedule(self) -> None:
+        while True:
+            try:
+                await self._tick()
+            except ConnectionClosed:
+                pass  # that device's connection handler cleans up
+            except Exception:
+                log.exception("scheduler tick failed; continuing")
+            await asyncio.sleep(self.tick_s)
+
+    async def _tick(self) -> None:
+        if not self._connections:
+            return
+        store = self.store
+        now = self.now_ms()
+        for booking in store.open_bookings(now):
+            conn = self._connections.get(booking.device_id)
+            if conn is not None:
+                await self._deliver_booking(conn, booking, now)
+        for command in store.pending_commands():
+            conn = self._connections.get(command.device_id)
+            if conn is not None:
+                await conn.ws.send(encode(_command_message(command)))
+                store.mark_command_sent(command.id, self.now_ms())
+                log.info("sent %s to %s", command.kind, command.device_id)
+
+    async def _deliver_booking(self, conn: _Connection, booking: Booking, now: int) -> None:
+        sid = booking.session_id
+        tablet_has_it = conn.session_id == sid
+        if policy.grant_due(booking, now):
+            body = policy.new_grant(booking, now)
+            signature = sign_grant(body, self._grant_key)
+            self.store.mark_granted(sid, policy.grant_to_json(body), signature, now)
+            await conn.ws.send(encode(GrantMsg(body=body, signature=signature)))
+            conn.grants_sent.add(sid)
+            log.info("sent grant %s to %s", sid, conn.device_id)
+            booking = self.store.booking(sid) or booking
+        elif (booking.state == "granted" and sid not in conn.grants_sent
+              and not tablet_has_it and booking.grant_json and booking.signature):
+            body = policy.grant_from_json(booking.grant_json)
+            await conn.ws.send(encode(GrantMsg(body=body, signature=booking.signature)))
+            conn.grants_sent.add(sid)
+            log.info("re-sent grant %s to %s", sid, conn.device_id)
+        delivered = sid in conn.grants_sent or tablet_has_it
+        if not (delivered and policy.start_due(booking, now)) or sid in conn.starts_sent:
+            return
+        if booking.state == "granted" or (
+                booking.state == "started" and tablet_has_it
+                and conn.session_state == "scheduled"):
+            await conn.ws.send(encode(Start(session_id=sid)))
+            conn.starts_sent.add(sid)
+            self.store.mark_started(sid, now)
+            log.info("sent start %s to %s", sid, conn.device_id)
+
+
+def book(store: Store, device_id: str, *, now_ms: int, in_s: float, duration_s: int,
+         contact: str) -> str:
+    """Book a call on the store (server clock ``now_ms``); returns the session id.
+
+    Raises :class:`DevServerError` for bounds (:func:`policy.plan_booking`) and
+    :class:`~tabletd.devserver.UnknownRecordError` for an unregistered device.
+    """
+    plan = policy.plan_booking(now_ms, in_s, duration_s, contact)
+    return store.add_booking(device_id, contact=plan.contact, booked_at_ms=plan.booked_at_ms,
+                             start_at_ms=plan.start_at_ms, duration_s=plan.duration_s,
+                             not_before_ms=plan.not_before_ms, not_after_ms=plan.not_after_ms)
+
+
+def _command_message(command: Command) -> End | Lock | Unlock:
+    if command.kind == "end":
+        if command.session_id is None:
+            raise DevServerError(f"command {command.id}: end without a session id")
+        return End(session_id=command.session_id)
+    if command.kind == "lock":
+        return Lock(reason=command.reason or "staff")
+    return Unlock()
+
+
+def _event_record(msg: EventMsg) -> EventRecord:
+    return EventRecord(id=msg.id, seq=msg.seq, kind=msg.kind, session_id=msg.session_id,
+                       boot_id=msg.boot_id, boot_ns=msg.boot_ns, wall_time=msg.wall_time,
+                       fields=dict(msg.fields))
+
+
+
+
+def _type_name(msg: object) -> str:
+    return str(getattr(msg, "type", type(msg).__name__))
+
+
+def _peer_common_name(ws: ServerConnection) -> str | None:
+    """The client certificate's subject CN (the device id, protocol section 1)."""
+    ssl_object = ws.transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
+        return None
+    return ca.device_common_name(x509.load_der_x509_certificate(der))
