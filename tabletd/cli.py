@@ -202,9 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("cutoff", "cut the camera rail and blank the screen now")
     st = with_config("status", "show the running daemon's state")
     st.add_argument("--json", action="store_true", help="print the status object as JSON")
-    demo = with_config("demo", "in-process scenario on simulated hardware")
-    demo.add_argument("--call-seconds", type=float, default=6.0)
-    demo.add_argument("--block-seconds", type=float, default=1.5)
+    demo = with_config("demo", "one booked call end to end: reference server, fault proxy, "
+                       "daemon on simulated hardware")
+    demo.add_argument("--call-seconds", type=int, default=60, help="length of the call (>= 10)")
+    demo.add_argument("--cut-seconds", type=float, default=10.0,
+                      help="how long the network is cut in the middle of the call")
+    demo.add_argument("--start-in", type=float, default=3.0,
+                      help="seconds from booking to the call's start")
     cc = sub.add_parser("check-config", help="validate a configuration file (exit 78 if bad)")
     cc.add_argument("file")
     return p

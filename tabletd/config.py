@@ -85,6 +85,25 @@ class WatchdogConfig:
 
 
 @dataclass(frozen=True)
+class LinkConfig:
+    """The central link (``docs/protocol.md``). An empty ``url`` means no link: the tablet
+    then never receives a grant, so its rail stays off."""
+
+    url: str = ""
+    ca_file: str = ""  # the pinned CA: the server's certificate must chain to it, only it
+    cert_file: str = ""  # this device's certificate (CN = device id)
+    key_file: str = ""  # this device's private key
+    grant_public_key: str = ""  # Ed25519, 32 raw bytes in base64
+    insecure_dev: bool = False  # allow ws:// (development only; logged at every connect)
+    ping_interval_s: float = field(default=10.0, metadata=_bounds(1, 15))
+    ping_timeout_s: float = field(default=10.0, metadata=_bounds(1, 10))
+    backoff_base_s: float = field(default=1.0, metadata=_bounds(0.01, 60))
+    backoff_cap_s: float = field(default=60.0, metadata=_bounds(0.1, 3600))
+    max_rtt_ms: int = field(default=2000, metadata=_bounds(1, 10000))
+    window: int = field(default=64, metadata=_bounds(1, 1000))
+
+
+@dataclass(frozen=True)
 class StatusApiConfig:
     """The local, read-only status API. Loopback addresses only."""
 
@@ -129,6 +148,7 @@ class Config:
     session: SessionConfig = SessionConfig()
     enforcement: EnforcementConfig = EnforcementConfig()
     watchdog: WatchdogConfig = WatchdogConfig()
+    link: LinkConfig = LinkConfig()
     status_api: StatusApiConfig = StatusApiConfig()
     logging: LoggingConfig = LoggingConfig()
     paths: PathsConfig = PathsConfig()
@@ -251,6 +271,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "session": SessionConfig,
     "enforcement": EnforcementConfig,
     "watchdog": WatchdogConfig,
+    "link": LinkConfig,
     "status_api": StatusApiConfig,
     "logging": LoggingConfig,
     "paths": PathsConfig,
@@ -271,6 +292,8 @@ def _cross_checks(sections: dict[str, Any], source: str) -> list[str]:
         problems.append(
             f"{source}: [status_api] host = {api.host!r}: must be an IP address, e.g. 127.0.0.1"
         )
+    link = cast(LinkConfig, sections.get("link", LinkConfig()))
+    problems += _link_checks(link, source)
     gpio = cast(GpioConfig, sections.get("gpio", GpioConfig()))
     pins = {
         name: getattr(gpio, name)
@@ -284,6 +307,27 @@ def _cross_checks(sections: dict[str, Any], source: str) -> list[str]:
                 f"{source}: [gpio] {name} = {pin}: pin already used by [gpio] {seen[pin]}"
             )
         seen[pin] = name
+    return problems
+
+
+def _link_checks(link: LinkConfig, source: str) -> list[str]:
+    if not link.url:
+        return []
+    problems: list[str] = []
+    scheme = link.url.split("://", 1)[0] if "://" in link.url else ""
+    if scheme not in ("wss", "ws"):
+        problems.append(f"{source}: [link] url = {link.url!r}: must start with wss://")
+    elif scheme == "ws" and not link.insecure_dev:
+        problems.append(f"{source}: [link] url = {link.url!r}: ws:// (no TLS) is refused "
+                        "unless [link] insecure_dev = true (development only)")
+    needed = ["grant_public_key"] + (["ca_file", "cert_file", "key_file"] if scheme == "wss"
+                                     else [])
+    for key in needed:
+        if not getattr(link, key):
+            problems.append(f"{source}: [link] {key}: required when [link] url is set")
+    if link.backoff_cap_s < link.backoff_base_s:
+        problems.append(f"{source}: [link] backoff_cap_s = {link.backoff_cap_s}: must be at "
+                        f"least backoff_base_s ({link.backoff_base_s})")
     return problems
 
 

@@ -30,10 +30,22 @@ from tabletd.config import Config
 from tabletd.errors import HardwareError, StateFileError, TabletdError
 from tabletd.events import EventStore
 from tabletd.hardware import Hardware, open_hardware
+from tabletd.link import messages as msgs
+from tabletd.link.client import LinkClient
+from tabletd.link.grants import (
+    ClockMapping,
+    GrantBody,
+    GrantRefused,
+    GrantVerifier,
+    NonceStore,
+    load_public_key,
+)
 from tabletd.persistence import StateFile
 from tabletd.sdnotify import Notifier
 from tabletd.session import (
     Action,
+    EndByServer,
+    GrantReceived,
     Input,
     LinkChanged,
     LockRequested,
@@ -48,9 +60,11 @@ from tabletd.session import (
     SetBacklight,
     SetLed,
     ShowScreen,
+    StartCall,
     State,
     TamperChanged,
     Tick,
+    UnlockRequested,
 )
 from tabletd.statusapi import StatusHub, StatusServer
 from tabletd.watchdog import CutRecord, DeviceWatchdog, RailGuard, SystemdWatchdog
@@ -151,6 +165,10 @@ class Daemon:
         self._status_line = ""
         self._device_watchdog: DeviceWatchdog | None = None
         self._previous_sigusr1: Any = None
+        self.link: LinkClient | None = None
+        self._verifier: GrantVerifier | None = None
+        self._mapping: ClockMapping | None = None
+        self._accepted_body: GrantBody | None = None  # a re-sent identical grant is no replay
         self.on_action: Callable[[Action, int], None] | None = None  # observers (the demo)
 
     # ---- thread-safe entry points ------------------------------------------------------
@@ -184,6 +202,8 @@ class Daemon:
                     assert self.status_server is not None
                     tg.create_task(self.status_server.serve_forever(), name="status-api")
                     tg.create_task(self._until_stopped(), name="stop")
+                    if self.link is not None:
+                        tg.create_task(self.link.run(), name="link")
             except* _Stopped:
                 pass
             return 0
@@ -204,6 +224,10 @@ class Daemon:
         )
         guard.start()
         self.store = EventStore(self.paths.events)
+        if cfg.link.url:
+            self._verifier = GrantVerifier(load_public_key(cfg.link.grant_public_key),
+                                           cfg.device.id, NonceStore(self.paths.state_dir))
+            self.link = LinkClient(cfg.link, self, self.store, self.clock)
         fault = await asyncio.to_thread(guard.wait_first_check, 2.0)
         self._restore()
         if fault is not None:
@@ -360,6 +384,11 @@ class Daemon:
     def _record(self, kind: str, fields: dict[str, Any] | Any) -> None:
         assert self.store is not None
         event = self.store.append(kind, fields, boot=self.boot, boot_ns=self.clock.boot_ns())
+        if not event.stored:  # telemetry, and the outbox is full of protected records
+            log.debug("telemetry %s dropped: outbox full", kind)
+            return
+        if self.link is not None:
+            self.link.outbox_changed()
         extra = {"EVENT": kind, "EVENT_ID": event.id}
         if event.session_id:
             extra["SESSION_ID"] = event.session_id
@@ -418,6 +447,73 @@ class Daemon:
         self.submit(LockRequested("engineer_cutoff"))
         with contextlib.suppress(HardwareError):
             self.hardware.backlight.set(False)
+
+    # ---- the link's host (tabletd.link.client.LinkHost); all on the loop --------------------
+    # Inputs go through the queue like every other (submit), never straight into the
+    # machine: the core task must see them to re-arm its deadline timer.
+
+    def hello(self) -> msgs.Hello:
+        assert self.store is not None
+        snap = self.machine.snapshot
+        session = None
+        if snap.grant is not None and snap.state in (State.SCHEDULED, State.LIVE, State.ENDED):
+            remaining = self.machine.remaining_ns(self.clock.boot_ns())
+            session = msgs.SessionSummary(
+                id=snap.grant.session_id,
+                state=str(snap.state),  # type: ignore[arg-type]  # one of the three, above
+                remaining_ms=None if remaining is None else remaining // NS_PER_MS,
+            )
+        return msgs.Hello(
+            device_id=self.cfg.device.id, software=__version__, boot_id=self.boot,
+            session=session, locked=snap.state in (State.LOCKED, State.FAULT),
+            outbox=msgs.OutboxSummary(pending=self.store.count(),
+                                      oldest_seq=self.store.oldest_seq()),
+        )
+
+    def link_changed(self, up: bool, mapping: ClockMapping | None) -> None:
+        self._mapping = mapping
+        self.submit(LinkChanged(up))
+
+    def on_server_message(self, msg: msgs.ServerMessage) -> msgs.ErrorMsg | None:
+        match msg:
+            case msgs.GrantMsg(body=body, signature=signature):
+                return self._grant(body, signature)
+            case msgs.Start(session_id=sid):
+                self.submit(StartCall(sid))
+            case msgs.End(session_id=sid):
+                self.submit(EndByServer(sid))
+            case msgs.Lock(reason=reason):
+                self.submit(LockRequested(reason))
+            case msgs.Unlock():
+                self.submit(UnlockRequested())
+        return None
+
+    def on_protocol_error(self, exc: msgs.ProtocolError) -> None:
+        self._record("protocol_error", {"code": exc.code, "detail": exc.detail[:512],
+                                        "ref": exc.ref})
+
+    def _grant(self, body: GrantBody, signature: str) -> msgs.ErrorMsg | None:
+        """Link-level checks (signature, binding, clock, replay; invariant 5), then the
+        session machine's own (busy, locked, window), which it records as events."""
+        assert self._verifier is not None and self.store is not None
+        if body == self._accepted_body:
+            return None  # the server re-sent the grant we hold (docs/protocol.md 3.3)
+        if self.store.full_of_protected():
+            refusal = GrantRefused("refused", "the outbox is full of undelivered call records")
+        else:
+            try:
+                grant = self._verifier.verify(body, signature, self._mapping,
+                                              self.clock.boot_ns())
+            except GrantRefused as exc:
+                refusal = exc
+            else:
+                self._accepted_body = body
+                self.submit(GrantReceived(grant))
+                return None
+        self._record("grant_refused", {"session_id": body.grant_id, "reason": refusal.code,
+                                       "detail": refusal.detail[:512]})
+        return msgs.ErrorMsg(code=refusal.code, detail=refusal.detail[:1024],
+                             ref=body.grant_id)
 
     # ---- status --------------------------------------------------------------------------
 

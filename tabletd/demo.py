@@ -1,8 +1,11 @@
-"""The in-process demo on simulated hardware (until the link exists).
+"""The demo: one booked call, end to end, on one machine (the README's main command).
 
-A short granted call goes live; shortly before its deadline the asyncio loop is blocked by a
-CPU-bound task, across the deadline; the enforcement thread still cuts on time. Everything
-is printed as a timeline with the measured lateness, then the durable event log.
+It starts the reference central server (``tabletd.devserver``: a development CA, mutual TLS,
+grant signing, booking), a TCP fault proxy, and the daemon on simulated hardware whose link
+goes through the proxy. It books a call, shows a live view (countdown, link, rail, events),
+cuts the network in the middle of the call, and shows the call still ending at its deadline
+and every event reaching the server after the link comes back. It ends with a summary:
+cut-off lateness, events sent and acknowledged, nothing lost.
 """
 
 from __future__ import annotations
@@ -10,131 +13,162 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from tabletd.clock import NS_PER_MS, NS_PER_S
-from tabletd.config import Config
+from tabletd.clock import NS_PER_S
+from tabletd.config import Config, LinkConfig
 from tabletd.daemon import Daemon
-from tabletd.events import EventStore
+from tabletd.devserver import ca
+from tabletd.devserver.proxy import FaultProxy
+from tabletd.devserver.server import DevServer
+from tabletd.devserver.store import Store
 from tabletd.logs import setup_logging
-from tabletd.session import (
-    Action,
-    Grant,
-    GrantReceived,
-    LinkChanged,
-    Persist,
-    RailOff,
-    RailOn,
-    Record,
-    SetBacklight,
-    SetLed,
-    ShowScreen,
-    StartCall,
-)
+from tabletd.session import Action, RailOff, RailOn, Record, State
+
+VIEW_PERIOD_S = 1.0
 
 
 def run_demo(cfg: Config, args: argparse.Namespace) -> int:
-    setup_logging("warning")
+    setup_logging("error")
+    logging.getLogger("websockets").setLevel(logging.CRITICAL)
     if cfg.hardware.backend != "sim":
         print("the demo runs on simulated hardware only: use config/sim.toml")
         return 2
     with tempfile.TemporaryDirectory(prefix="tabletd-demo-") as tmp:
-        state_dir = Path(args.state_dir) if args.state_dir else Path(tmp)
+        return asyncio.run(_Demo(cfg, Path(tmp), args).run())
+
+
+class _Demo:
+    def __init__(self, cfg: Config, tmp: Path, args: argparse.Namespace) -> None:
+        self.base_cfg = cfg
+        self.tmp = tmp
+        self.call_s: int = max(10, int(args.call_seconds))
+        self.cut_s: float = args.cut_seconds
+        self.start_in_s: float = args.start_in
+        self.t0 = time.monotonic()
+
+    def say(self, text: str) -> None:
+        print(f"  {time.monotonic() - self.t0:6.1f}s  {text}", flush=True)
+
+    async def run(self) -> int:
+        device = self.base_cfg.device.id
+        srv_dir = self.tmp / "server"
+        print("tabletd demo: the REFERENCE central server, a fault proxy and the daemon on "
+              "simulated hardware,\nall on this machine (loopback, mutual TLS).\n")
+        ca.init(srv_dir)
+        key, cert = ca.issue_device(srv_dir, device)
+        with Store.open(srv_dir) as store:
+            store.add_device(device, 0)
+        server = DevServer(srv_dir, tick_s=0.02)
+        await server.start()
+        proxy = FaultProxy("127.0.0.1", server.port)
+        await proxy.start()
+        self.say(f"reference server on 127.0.0.1:{server.port}; proxy on 127.0.0.1:{proxy.port}")
         cfg = dataclasses.replace(
-            cfg, status_api=dataclasses.replace(cfg.status_api, port=0),
-            sim=dataclasses.replace(cfg.sim, self_grant_s=0),
+            self.base_cfg,
+            status_api=dataclasses.replace(self.base_cfg.status_api, port=0),
+            session=dataclasses.replace(self.base_cfg.session, link_grace_s=4.0),
+            link=LinkConfig(
+                url=f"wss://127.0.0.1:{proxy.port}/", ca_file=str(srv_dir / ca.CA_CERT),
+                cert_file=str(cert), key_file=str(key),
+                grant_public_key=ca.grant_public_key_b64(srv_dir),
+                ping_interval_s=1.5, ping_timeout_s=1.5, backoff_base_s=0.2, backoff_cap_s=2,
+            ),
         )
-        return asyncio.run(_scenario(cfg, state_dir, args.call_seconds, args.block_seconds))
+        daemon = Daemon(cfg, self.tmp / "state", environ={})
+        daemon.on_action = self._observe
+        runner = asyncio.create_task(daemon.run())
+        try:
+            return await self._scenario(daemon, server, proxy, device, runner)
+        finally:
+            daemon.request_stop()
+            await runner
+            await proxy.close()
+            await server.stop()
+
+    def _observe(self, action: Action, now: int) -> None:
+        match action:
+            case RailOn(cause="deadline"):
+                self.say("rail ON until the deadline: camera and microphone powered")
+            case RailOn(cause="link_grace"):
+                self.say("link lost: rail stays on only for the link grace, then off")
+            case RailOff(reason=reason):
+                self.say(f"rail OFF ({reason})")
+            case Record(kind=kind, fields=fields) if kind.startswith("call_"):
+                detail = fields.get("reason") or fields.get("contact") or ""
+                self.say(f"event {kind} {detail}".rstrip())
+
+    async def _scenario(self, daemon: Daemon, server: DevServer, proxy: FaultProxy,
+                        device: str, runner: asyncio.Task[int]) -> int:
+        await daemon.ready.wait()
+        await _until(lambda: daemon.machine.link_up, 15)
+        self.say("daemon ready, link up (hello/welcome: clock mapped), rail off")
+        session = server.book(device, in_s=self.start_in_s, duration_s=self.call_s)
+        self.say(f"booked {session}: {self.call_s} s call, starting in {self.start_in_s:.0f} s")
+        await _until(lambda: daemon.machine.state is State.LIVE, self.start_in_s + 15)
+        cut_at = daemon.clock.boot_ns() + int((self.call_s - self.cut_s) / 2 * NS_PER_S)
+        view = asyncio.create_task(self._view(daemon, server))
+        try:
+            await asyncio.sleep(max(0, cut_at - daemon.clock.boot_ns()) / NS_PER_S)
+            self.say(f">>> network CUT for {self.cut_s:.0f} s (the proxy drops every byte)")
+            proxy.set_mode("blackhole")
+            await asyncio.sleep(self.cut_s)
+            proxy.set_mode("reset")
+            proxy.set_mode("pass")
+            self.say(">>> network back")
+            await _until(lambda: daemon.machine.state is State.ENDED,
+                         self.call_s + 30)
+            await _until(lambda: daemon.machine.link_up and daemon.store is not None
+                         and daemon.store.count() == 0, 30)
+        finally:
+            view.cancel()
+        return self._summary(daemon, server, device)
+
+    async def _view(self, daemon: Daemon, server: DevServer) -> None:
+        while True:
+            st = daemon.status()
+            sess = st["session"] or {}
+            rem = sess.get("remaining_ms")
+            left = "--:--" if rem is None else f"{rem // 60000:02d}:{rem // 1000 % 60:02d}"
+            link = daemon.link
+            assert link is not None and daemon.store is not None
+            up = "up  " if st["link"]["connected"] else "DOWN"
+            rail = "ON " if st["rail"] == "on" else "off"
+            self.say(f"[{st['state']:<9}] {left} left | link {up} | rail {rail} | outbox "
+                     f"{daemon.store.count():>2} | sent {link.events_sent:>2} acked "
+                     f"{link.events_acked:>2} | server has "
+                     f"{len(server.events(daemon.cfg.device.id)):>2}")
+            await asyncio.sleep(VIEW_PERIOD_S)
+
+    def _summary(self, daemon: Daemon, server: DevServer, device: str) -> int:
+        assert daemon.store is not None and daemon.link is not None
+        received = server.events(device)
+        kinds = [e.kind for e in received]
+        ended = next((e for e in received if e.kind == "call_ended"), None)
+        appended = daemon.store.appended_total()
+        pending = daemon.store.count()
+        late = None if ended is None else ended.fields.get("cutoff_lateness_ms")
+        lost = "lost and restored during the call" if "call_link_lost" in kinds else "never lost"
+        print("\nsummary")
+        print(f"  call ended: {ended.fields['reason'] if ended else 'NOT REPORTED'}; the rail "
+              f"was cut {late} ms after the deadline (budget 20 ms), as the tablet reported")
+        print(f"  link: {daemon.link.sessions} connections, {lost}")
+        print(f"  events: {appended} recorded, {daemon.link.events_sent} sent, "
+              f"{daemon.link.events_acked} acknowledged, {pending} pending; the server stored "
+              f"{len(received)} distinct ({server.duplicates_received} duplicates discarded)")
+        ok = (ended is not None and ended.fields["reason"] == "deadline" and late is not None
+              and late <= 20 and pending == 0 and len(received) == appended)
+        print(f"\n{'OK' if ok else 'FAILED'}: "
+              + ("the call ended at its deadline through a network cut, and nothing was lost"
+                 if ok else "see above"))
+        return 0 if ok else 1
 
 
-def _describe(action: Action) -> str | None:
-    match action:
-        case RailOn(until_ns=until):
-            return f"machine: rail ON until boot+{until / NS_PER_S:.3f}s"
-        case RailOff(reason=reason):
-            return f"machine: rail OFF ({reason})"
-        case Record(kind=kind):
-            return f"event:   {kind}"
-        case ShowScreen(screen=screen):
-            return f"screen:  {screen}"
-        case SetLed(colour=colour):
-            return f"led:     {colour}"
-        case SetBacklight() | Persist():
-            return None
-    return None
-
-
-async def _scenario(cfg: Config, state_dir: Path, call_s: float, block_s: float) -> int:
-    daemon = Daemon(cfg, state_dir, environ={})
-    t0 = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-
-    def say(text: str, at_ns: int | None = None) -> None:
-        at = (at_ns if at_ns is not None else time.clock_gettime_ns(time.CLOCK_BOOTTIME)) - t0
-        print(f"  {at / NS_PER_S:8.3f}s  {text}", flush=True)
-
-    def observe(action: Action, now: int) -> None:
-        text = _describe(action)
-        if text:
-            say(text, now)
-
-    daemon.on_action = observe
-    print("tabletd demo: one call on simulated hardware; the event loop will be blocked "
-          f"for {block_s:.1f}s across the deadline\n")
-    runner = asyncio.create_task(daemon.run())
-    await daemon.ready.wait()
-    assert daemon.guard is not None and daemon.hardware is not None
-    world = daemon.hardware.sim
-    assert world is not None
-    say(f"daemon ready, rail {'ON' if world.rail_file_state() else 'off'} (sense confirmed)")
-    now = daemon.clock.boot_ns()
-    grant = Grant(
-        session_id="demo-call-1",
-        device_id=cfg.device.id,
-        contact_label="Relative (demo)",
-        not_before_ns=now,
-        not_after_ns=now + int((call_s + 60) * NS_PER_S),
-        max_duration_ns=int(call_s * NS_PER_S),
-    )
-    say(f"grant received: {call_s:.1f}s call (verified grants come from the link)")
-    daemon.submit(LinkChanged(True))  # stands in for the central link (a later issue)
-    daemon.submit(GrantReceived(grant))
-    daemon.submit(StartCall(grant.session_id))
-    await asyncio.sleep(0.05)
-    deadline = daemon.machine.snapshot.deadline_ns
-    assert deadline is not None
-    say(f"deadline fixed at boot+{deadline / NS_PER_S:.3f}s (CLOCK_BOOTTIME)")
-    await asyncio.sleep(max(0.0, (deadline - daemon.clock.boot_ns()) / NS_PER_S - block_s / 2))
-    say(f"event loop BLOCKED by a CPU-bound task for {block_s:.1f}s")
-    _busy(block_s)  # deliberately blocks this loop: the point of the demo
-    say("event loop free again")
-    await asyncio.sleep(0.1)
-    cut = daemon.guard.last_cut
-    rail_now = world.rail_file_state()
-    daemon.request_stop()
-    await runner
-    print("\nresult")
-    if cut is None or cut.lateness_ns is None:
-        print("  no deadline cut was recorded: FAILED")
-        return 1
-    print(f"  rail cut by the {cut.by} layer at boot+{cut.at_ns / NS_PER_S:.3f}s, "
-          f"{cut.lateness_ns / NS_PER_MS:.3f} ms after the deadline (budget 20 ms)")
-    print(f"  rail now: {'ON' if rail_now else 'off'}")
-    print("\ndurable event log (events.sqlite)")
-    store = EventStore(daemon.paths.events)  # the daemon closed its own on stop
-    for ev in store.all():
-        print(f"  #{ev.seq:<3} {ev.kind:<18} {dict(ev.fields)}")
-    store.close()
-    ok = cut.lateness_ns <= 20 * NS_PER_MS and not rail_now
-    verdict = "OK" if ok else "FAILED"
-    print(f"\n{verdict}: the call ended at its deadline while the loop was blocked")
-    return 0 if ok else 1
-
-
-def _busy(seconds: float) -> None:
-    """Hold the GIL in pure Python, the worst case for the enforcement thread."""
-    end = time.monotonic() + seconds
-    n = 0
-    while time.monotonic() < end:
-        n += 1
+async def _until(predicate: Callable[[], bool], within_s: float) -> None:
+    async with asyncio.timeout(within_s):
+        while not predicate():  # noqa: ASYNC110 (watching the daemon from outside)
+            await asyncio.sleep(0.05)

@@ -1,0 +1,1 @@
+"""The central link: protocol v1 (``docs/protocol.md``) over websockets."""
