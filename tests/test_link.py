@@ -169,3 +169,33 @@ def test_ws_without_insecure_dev_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"ws:// \(no TLS\) is refused"):
         parse_config('[device]\nid = "t"\n[link]\nurl = "ws://127.0.0.1:1/"\n'
                      'grant_public_key = "x"\n', "f.toml")
+
+
+@pytest.mark.parametrize("skew_ms", [-3_600_000, 3_600_000])
+async def test_server_clock_skew_changes_nothing(tmp_path: Path, start_daemon,
+                                                 skew_ms: int) -> None:
+    """A server an hour off: the mapping absorbs it; the call lasts its granted length."""
+    srv_dir = tmp_path / "skewed"
+    ca.init(srv_dir)
+    ca.issue_device(srv_dir, DEVICE)
+    with Store.open(srv_dir) as store:
+        store.add_device(DEVICE, 0)
+    server = DevServer(srv_dir, tick_s=0.01, clock_offset_ms=skew_ms)
+    await server.start()
+    proxy = FaultProxy("127.0.0.1", server.port)
+    await proxy.start()
+    try:
+        run = await start_daemon(Net(server, proxy, srv_dir).config())
+        d = run.daemon
+        await wait_for(lambda: d.machine.link_up, within=10)
+        server.book(DEVICE, in_s=0.1, duration_s=2)
+        await wait_for(lambda: d.machine.state is State.LIVE, within=5)
+        snap = d.machine.snapshot
+        assert snap.deadline_ns is not None and snap.started_ns is not None
+        assert snap.deadline_ns - snap.started_ns == 2 * 1_000_000_000
+        await wait_for(lambda: d.machine.state is State.ENDED, within=5)
+        assert d.machine.snapshot.end_reason == "deadline"
+        await run.stop()
+    finally:
+        await proxy.close()
+        await server.stop()

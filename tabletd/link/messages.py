@@ -51,6 +51,7 @@ SUBPROTOCOL: Final = "tabletd.v1"
 MAX_MESSAGE_BYTES: Final = 65_536
 #: Bounds of a protocol integer: JSON numbers without fraction or exponent (section 3).
 MAX_INT: Final = 2**53 - 1
+MAX_INT64: Final = 2**63 - 1  # event.boot_ns only: 2**53 ns is only ~104 days of uptime
 MAX_STRING_CHARS: Final = 256
 MAX_DETAIL_CHARS: Final = 1024
 MAX_CONTACT_LABEL_CHARS: Final = 64
@@ -536,7 +537,7 @@ def _event(m: _Members) -> EventMsg:
         id=m.matching("id", _UUID, "a UUID (8-4-4-4-12 hex digits)"),
         seq=m.integer("seq"), kind=m.string("kind"),
         session_id=m.ident_or_null("session_id"), boot_id=m.string("boot_id"),
-        boot_ns=m.integer("boot_ns"), wall_time=m.string("wall_time"),
+        boot_ns=m.integer("boot_ns", hi=MAX_INT64), wall_time=m.string("wall_time"),
         fields=_check_fields(m.get("fields"), m.where("fields")),
     )
 
