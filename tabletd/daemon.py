@@ -552,8 +552,17 @@ class Daemon:
             "privacy": m.privacy,
             "tamper_open": m.tamper_open,
             "docked": m.docked,
+            "outbox": self._outbox_status(),
             "last_cut": None if last is None else _cut_fields(last),
         }
+
+    def _outbox_status(self) -> dict[str, Any]:
+        """Undelivered events; ``calls_refused`` says why no call can be booked (invariant 6:
+        a full outbox of call records refuses new calls rather than lose a record)."""
+        assert self.store is not None
+        full = self.store.full_of_protected()
+        return {"pending": self.store.count(), "calls_refused": full,
+                "reason": "event backlog full: waiting for the server" if full else None}
 
     def _update_status_line(self, *, force: bool = False, ready: bool = False) -> None:
         line = self._describe()

@@ -16,6 +16,8 @@ from tabletd.devserver.proxy import FaultProxy
 from tabletd.devserver.server import DevServer
 from tabletd.devserver.store import Store
 from tabletd.events import EventStore
+from tabletd.link.grants import GrantBody, sign_grant
+from tabletd.link.messages import GrantMsg
 from tabletd.session import State
 
 from .conftest import sim_config, wait_for
@@ -199,3 +201,29 @@ async def test_server_clock_skew_changes_nothing(tmp_path: Path, start_daemon,
     finally:
         await proxy.close()
         await server.stop()
+
+
+async def test_full_outbox_refuses_grants_and_says_why(net: Net, start_daemon,
+                                                       tmp_path: Path) -> None:
+    """Invariant 6: rather than drop a call record, refuse the call, visibly."""
+    state = tmp_path / "state"
+    state.mkdir()
+    store = EventStore(state / "events.sqlite", capacity=3)
+    for n in range(3):
+        store.append("call_ended", {"session_id": f"old-{n}", "reason": "deadline"},
+                     boot="b", boot_ns=n)
+    store.close()
+    net.proxy.set_mode("blackhole")  # no acks can arrive to free the outbox
+    run = await start_daemon(net.config(), state_dir=state)
+    d = run.daemon
+    d.store.capacity = 3
+    assert d.status()["outbox"] == {"pending": d.store.count(), "calls_refused": True,
+                                    "reason": "event backlog full: waiting for the server"}
+    now_ms = net.server.now_ms()
+    body = GrantBody("g-1", DEVICE, "Frere", now_ms, now_ms + 600_000, 60, "n" * 22, now_ms)
+    reply = d.on_server_message(GrantMsg(body, sign_grant(body, ca.load_grant_key(net.srv_dir))))
+    assert reply is not None and reply.code == "refused" and "outbox" in reply.detail
+    net.proxy.set_mode("pass")
+    await wait_for(lambda: d.machine.link_up, within=10)
+    await wait_for(lambda: not d.store.full_of_protected(), within=10)
+    assert d.status()["outbox"]["calls_refused"] is False
