@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
 from tabletd.errors import ConfigError
+from tabletd.link.grants import GrantKeyError, load_public_key
 
 Backend = Literal["gpio", "sim"]
 SenseFault = Literal["none", "stuck_on", "stuck_off"]
@@ -294,6 +295,10 @@ def _cross_checks(sections: dict[str, Any], source: str) -> list[str]:
         )
     link = cast(LinkConfig, sections.get("link", LinkConfig()))
     problems += _link_checks(link, source)
+    sim = cast(SimConfig, sections.get("sim", SimConfig()))
+    if link.url and sim.self_grant_s:
+        problems.append(f"{source}: [sim] self_grant_s = {sim.self_grant_s}: the simulated "
+                        "board stands in for the server only when there is no [link] url")
     gpio = cast(GpioConfig, sections.get("gpio", GpioConfig()))
     pins = {
         name: getattr(gpio, name)
@@ -325,6 +330,10 @@ def _link_checks(link: LinkConfig, source: str) -> list[str]:
     for key in needed:
         if not getattr(link, key):
             problems.append(f"{source}: [link] {key}: required when [link] url is set")
+    try:
+        load_public_key(link.grant_public_key)
+    except GrantKeyError as exc:
+        problems.append(f"{source}: [link] grant_public_key: {exc}")
     if link.backoff_cap_s < link.backoff_base_s:
         problems.append(f"{source}: [link] backoff_cap_s = {link.backoff_cap_s}: must be at "
                         f"least backoff_base_s ({link.backoff_base_s})")

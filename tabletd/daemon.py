@@ -38,6 +38,7 @@ from tabletd.link.grants import (
     GrantRefused,
     GrantVerifier,
     NonceStore,
+    NonceStoreError,
     load_public_key,
 )
 from tabletd.persistence import StateFile
@@ -167,6 +168,7 @@ class Daemon:
         self._previous_sigusr1: Any = None
         self.link: LinkClient | None = None
         self._verifier: GrantVerifier | None = None
+        self._nonces: NonceStore | None = None
         self._mapping: ClockMapping | None = None
         self._accepted_body: GrantBody | None = None  # a re-sent identical grant is no replay
         self.on_action: Callable[[Action, int], None] | None = None  # observers (the demo)
@@ -225,8 +227,17 @@ class Daemon:
         guard.start()
         self.store = EventStore(self.paths.events)
         if cfg.link.url:
-            self._verifier = GrantVerifier(load_public_key(cfg.link.grant_public_key),
-                                           cfg.device.id, NonceStore(self.paths.state_dir))
+            try:
+                self._nonces = NonceStore(self.paths.state_dir)
+            except NonceStoreError as exc:
+                # Without the replay set any old grant could be replayed (invariant 5): run,
+                # report, and refuse every grant until an engineer repairs it.
+                log.critical("%s: every grant will be refused", exc,
+                             extra={"EVENT": "nonce_store_corrupt"})
+                self._record("nonce_store_corrupt", {"detail": str(exc)[:512]})
+            else:
+                self._verifier = GrantVerifier(load_public_key(cfg.link.grant_public_key),
+                                               cfg.device.id, self._nonces)
             self.link = LinkClient(cfg.link, self, self.store, self.clock)
         fault = await asyncio.to_thread(guard.wait_first_check, 2.0)
         self._restore()
@@ -240,7 +251,7 @@ class Daemon:
         self._handle(TamperChanged(hw.tamper.active))
         hw.privacy.on_change(self._privacy_changed)
         hw.tamper.on_change(self._tamper_changed)
-        self._handle(LinkChanged(False))  # no link yet: the link issue reports it
+        self._handle(LinkChanged(False))  # until the link's welcome says otherwise
         if cfg.watchdog.device:  # opened (armed) only once everything else is up
             self._device_watchdog = DeviceWatchdog(cfg.watchdog.device, cfg.watchdog.timeout_s)
         self.hub = StatusHub(self.status)
@@ -472,6 +483,9 @@ class Daemon:
 
     def link_changed(self, up: bool, mapping: ClockMapping | None) -> None:
         self._mapping = mapping
+        if mapping is not None and self._nonces is not None:
+            # Forget nonces whose grants have certainly ended, even by the earliest reading.
+            self._nonces.prune(mapping.server_now_ms_earliest(self.clock.boot_ns()))
         self.submit(LinkChanged(up))
 
     def on_server_message(self, msg: msgs.ServerMessage) -> msgs.ErrorMsg | None:
@@ -495,11 +509,11 @@ class Daemon:
     def _grant(self, body: GrantBody, signature: str) -> msgs.ErrorMsg | None:
         """Link-level checks (signature, binding, clock, replay; invariant 5), then the
         session machine's own (busy, locked, window), which it records as events."""
-        assert self._verifier is not None and self.store is not None
+        assert self.store is not None
         if body == self._accepted_body:
             return None  # the server re-sent the grant we hold (docs/protocol.md 3.3)
-        if self.store.full_of_protected():
-            refusal = GrantRefused("refused", "the outbox is full of undelivered call records")
+        if self._verifier is None:
+            refusal = GrantRefused("refused", "replay protection unavailable (see the journal)")
         else:
             try:
                 grant = self._verifier.verify(body, signature, self._mapping,
@@ -507,11 +521,22 @@ class Daemon:
             except GrantRefused as exc:
                 refusal = exc
             else:
-                self._accepted_body = body
-                self.submit(GrantReceived(grant))
-                return None
-        self._record("grant_refused", {"session_id": body.grant_id, "reason": refusal.code,
-                                       "detail": refusal.detail[:512]})
+                if not self.store.full_of_protected():
+                    self._accepted_body = body
+                    self.submit(GrantReceived(grant))
+                    return None
+                refusal = GrantRefused("refused",
+                                       "the outbox is full of undelivered call records")
+        if refusal.code in ("bad_signature", "bad_message"):
+            # Not genuinely signed: says nothing about a call. Telemetry, so that a flood of
+            # forgeries can neither grow the outbox without bound nor block calls.
+            self._record("protocol_error", {"code": refusal.code,
+                                            "detail": refusal.detail[:512],
+                                            "ref": body.grant_id})
+        else:
+            self._record("grant_refused", {"session_id": body.grant_id,
+                                           "reason": refusal.code,
+                                           "detail": refusal.detail[:512]})
         return msgs.ErrorMsg(code=refusal.code, detail=refusal.detail[:1024],
                              ref=body.grant_id)
 

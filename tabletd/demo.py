@@ -72,6 +72,7 @@ class _Demo:
             self.base_cfg,
             status_api=dataclasses.replace(self.base_cfg.status_api, port=0),
             session=dataclasses.replace(self.base_cfg.session, link_grace_s=4.0),
+            sim=dataclasses.replace(self.base_cfg.sim, self_grant_s=0),
             link=LinkConfig(
                 url=f"wss://127.0.0.1:{proxy.port}/", ca_file=str(srv_dir / ca.CA_CERT),
                 cert_file=str(cert), key_file=str(key),

@@ -227,3 +227,52 @@ async def test_full_outbox_refuses_grants_and_says_why(net: Net, start_daemon,
     await wait_for(lambda: d.machine.link_up, within=10)
     await wait_for(lambda: not d.store.full_of_protected(), within=10)
     assert d.status()["outbox"]["calls_refused"] is False
+
+
+async def test_corrupt_replay_set_refuses_every_grant(net: Net, start_daemon,
+                                                      tmp_path: Path) -> None:
+    """Without its replay set the tablet could accept an old grant again: it runs, reports,
+    and refuses every grant (invariant 5) instead of starting empty."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "grant-nonces.json").write_text("{garbage")
+    run = await start_daemon(net.config(), state_dir=state)
+    d = run.daemon
+    await wait_for(lambda: d.machine.link_up, within=10)
+    net.server.book(DEVICE, in_s=0.1, duration_s=1)
+    await wait_for(lambda: any(e.kind == "grant_refused" for e in net.server.events(DEVICE)),
+                   within=10)
+    refused = next(e for e in net.server.events(DEVICE) if e.kind == "grant_refused")
+    assert refused.fields["reason"] == "refused"
+    assert d.machine.state is State.IDLE and not d.guard.rail_on
+    assert "nonce_store_corrupt" in [e.kind for e in net.server.events(DEVICE)]
+
+
+def test_link_config_problems_are_config_errors() -> None:
+    from tabletd.config import parse_config
+    from tabletd.errors import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        parse_config('[device]\nid = "t"\n[link]\nurl = "wss://h/"\nca_file = "a"\n'
+                     'cert_file = "b"\nkey_file = "c"\ngrant_public_key = "AAAA"\n'
+                     '[sim]\nself_grant_s = 5\n', "f.toml")
+    text = "\n".join(exc.value.problems)
+    assert "f.toml: [link] grant_public_key:" in text
+    assert "[sim] self_grant_s = 5: the simulated board stands in for the server only" in text
+
+
+async def test_forged_grants_are_telemetry_not_call_records(net: Net, start_daemon) -> None:
+    """A forger cannot grow the outbox of protected records or block calls."""
+    run = await start_daemon(net.config())
+    d = run.daemon
+    await wait_for(lambda: d.machine.link_up, within=10)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    now_ms = net.server.now_ms()
+    for n in range(20):
+        body = GrantBody(f"f-{n}", DEVICE, "X", now_ms, now_ms + 600_000, 60, "m" * 22, now_ms)
+        reply = d.on_server_message(GrantMsg(body, sign_grant(body, Ed25519PrivateKey.generate())))
+        assert reply is not None and reply.code == "bad_signature"
+    await wait_for(lambda: d.store.count() == 0, within=10)
+    kinds = [e.kind for e in net.server.events(DEVICE)]
+    assert kinds.count("protocol_error") == 20 and "grant_refused" not in kinds

@@ -400,7 +400,7 @@ class GrantVerifier:
 
         A grant whose ``not_before`` is still in the future IS accepted: the call is
         scheduled, and the session machine refuses a ``start`` before ``not_before_ns``
-        (answered ``not_yet_valid``). The returned bounds are
+        (reported as a ``call_start_refused`` event, reason ``too_early``). The returned bounds are
         ``not_before_ns = X - S + t1`` (latest) and ``not_after_ns = X - S + t0`` (earliest),
         so the mapped window is never longer than the server's (invariant 2). If the server
         window is shorter than the round trip the mapped window is empty; it is returned as
