@@ -16,7 +16,7 @@ from tabletd.devserver.proxy import FaultProxy
 from tabletd.devserver.server import DevServer
 from tabletd.devserver.store import Store
 from tabletd.events import EventStore
-from tabletd.link.grants import GrantBody, sign_grant
+from tabletd.link.grants import ClockMapping, GrantBody, sign_grant
 from tabletd.link.messages import GrantMsg
 from tabletd.session import State
 
@@ -220,6 +220,8 @@ async def test_full_outbox_refuses_grants_and_says_why(net: Net, start_daemon,
     assert d.status()["outbox"] == {"pending": d.store.count(), "calls_refused": True,
                                     "reason": "event backlog full: waiting for the server"}
     now_ms = net.server.now_ms()
+    boot = d.clock.boot_ns()
+    d._mapping = ClockMapping.from_exchange(boot, boot, now_ms)  # as a welcome would give
     body = GrantBody("g-1", DEVICE, "Frere", now_ms, now_ms + 600_000, 60, "n" * 22, now_ms)
     reply = d.on_server_message(GrantMsg(body, sign_grant(body, ca.load_grant_key(net.srv_dir))))
     assert reply is not None and reply.code == "refused" and "outbox" in reply.detail
