@@ -164,6 +164,9 @@ class LinkClient:
             cfg.url, ssl=tls, subprotocols=[SUBPROTOCOL],
             ping_interval=cfg.ping_interval_s, ping_timeout=cfg.ping_timeout_s,
             max_size=MAX_FRAME, open_timeout=10, close_timeout=2,
+            # Never through a proxy from the environment: the tablet talks to its server
+            # directly, and an HTTPS_PROXY slipped into the unit must not reroute the link.
+            proxy=None,
         ) as ws:
             if ws.subprotocol != SUBPROTOCOL:
                 raise ProtocolError("bad_message", f"server chose subprotocol {ws.subprotocol!r}")
