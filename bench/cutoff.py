@@ -68,7 +68,6 @@ import os
 import random
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,6 +76,8 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from benchlib import summary
 
 try:
     from tabletd.clock import NS_PER_MS, NS_PER_S
@@ -115,18 +116,6 @@ def boot_ns() -> int:
 
 # ---- statistics ---------------------------------------------------------------------------
 
-
-def summary(values: Sequence[float], digits: int = 3) -> dict[str, float]:
-    """p50, p99 and max (inclusive quantiles: p99 interpolates between the two top ranks)."""
-    if not values:
-        return {"p50": float("nan"), "p99": float("nan"), "max": float("nan")}
-    data = sorted(values)
-    p99 = statistics.quantiles(data, n=100, method="inclusive")[98] if len(data) > 1 else data[0]
-    return {
-        "p50": round(statistics.median(data), digits),
-        "p99": round(p99, digits),
-        "max": round(data[-1], digits),
-    }
 
 
 # ---- CPU burners --------------------------------------------------------------------------

@@ -54,13 +54,14 @@ import os
 import random
 import shutil
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from benchlib import summary
 
 from tabletd.events import DEFAULT_CAPACITY, EventStore
 
@@ -78,18 +79,6 @@ FIELDS = {  # a typical call_ended
 }
 BOOT = "3f2c9d6e-8a41-4a5e-9a54-1b7c2d9e0f11"
 
-
-def summary(values: Sequence[float], digits: int = 1) -> dict[str, float]:
-    """p50, p99 and max (inclusive quantiles: p99 interpolates between the two top ranks)."""
-    if not values:
-        return {"p50": float("nan"), "p99": float("nan"), "max": float("nan")}
-    data = sorted(values)
-    p99 = statistics.quantiles(data, n=100, method="inclusive")[98] if len(data) > 1 else data[0]
-    return {
-        "p50": round(statistics.median(data), digits),
-        "p99": round(p99, digits),
-        "max": round(data[-1], digits),
-    }
 
 
 def fmt(stats: dict[str, float]) -> str:
@@ -208,10 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    durable = summary(durable_costs)
-    base = summary(base_costs)
-    full = summary(full_costs)
-    drain = summary(rounds)
+    durable = summary(durable_costs, 1)
+    base = summary(base_costs, 1)
+    full = summary(full_costs, 1)
+    drain = summary(rounds, 1)
     ratio = round(durable_rate / base_rate, 4) if base_rate > 0 else None
     passes = {
         "durable_events_per_s": durable_rate >= TARGET_EVENTS_PER_S,

@@ -95,6 +95,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from benchlib import summary
+
 try:
     from tabletd import __version__
     from tabletd.clock import BootClock
@@ -310,18 +312,6 @@ class Fleet:
 
 # ---- statistics ---------------------------------------------------------------------------
 
-
-def summary(values: Sequence[float], digits: int = 3) -> dict[str, float]:
-    """p50, p99 and max (inclusive quantiles: p99 interpolates between the two top ranks)."""
-    if not values:
-        return {"p50": float("nan"), "p99": float("nan"), "max": float("nan")}
-    data = sorted(values)
-    p99 = statistics.quantiles(data, n=100, method="inclusive")[98] if len(data) > 1 else data[0]
-    return {
-        "p50": round(statistics.median(data), digits),
-        "p99": round(p99, digits),
-        "max": round(data[-1], digits),
-    }
 
 
 def peak_in_window(times: Sequence[float], width: float) -> int:

@@ -51,6 +51,24 @@ def _opt_int(d: dict[str, Any], key: str) -> int | None:
     return v
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash or power cut leaves the old content or
+    the new, never a mix: temp file, fsync, rename, fsync the directory. Mode 0600."""
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 class StateFile:
     """``session.json`` in the state directory."""
 
@@ -61,19 +79,7 @@ class StateFile:
         """Write atomically: temp file, fsync, rename, fsync the directory."""
         body = json.dumps({"format": FORMAT, "boot_id": boot, "snapshot": snapshot_to_json(snap)},
                           sort_keys=True)
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, body.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_atomically(self.path, body.encode())
 
     def load(self) -> tuple[str, Snapshot] | None:
         """(boot id, snapshot), None if there is no file; raises :class:`StateFileError`."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from tabletd.errors import TabletdError
+from tabletd.persistence import write_atomically
 from tabletd.session import Grant
 
 NS_PER_MS = 1_000_000
@@ -282,22 +282,9 @@ class NonceStore:
         return dict(nonces)
 
     def _write(self, nonces: dict[str, int]) -> None:
-        # The habit of tabletd.persistence.StateFile.save: temp, fsync, rename, fsync dir.
         body = json.dumps({"format": _STORE_FORMAT, "nonces": nonces}, sort_keys=True,
                           separators=(",", ":"))
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, body.encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_atomically(self.path, body.encode("utf-8"))
 
     def __len__(self) -> int:
         return len(self._nonces)
