@@ -2,7 +2,8 @@
 
 A small central server implementing the server side of ``docs/protocol.md`` (version 1):
 a development CA (:mod:`.ca`), its SQLite store (:mod:`.store`), the websocket server
-(:mod:`.server`) and the ``tabletd-devserver`` command line (:mod:`.cli`).
+(:mod:`.server`) with its media side (:mod:`.media`, :mod:`.recorder`, :mod:`.downlink`)
+and the ``tabletd-devserver`` command line (:mod:`.cli`).
 
 Layout of a server directory (``tabletd-devserver init DIR``)::
 
@@ -12,6 +13,7 @@ Layout of a server directory (``tabletd-devserver init DIR``)::
     DIR/grant_public_key.txt            its public key, 32 raw bytes in base64 (tablet config)
     DIR/store.sqlite                    devices, bookings, commands, events
     DIR/devices/ID/device.pem, .key     one device's identity (plus a copy of ca.pem)
+    DIR/recordings/SESSION.ts           a live call's uplink, as received (MPEG-TS)
 """
 
 from tabletd.errors import TabletdError

@@ -90,7 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     server = DevServer(Path(args.dir), host=args.host, port=args.port,
-                       clock_offset_ms=args.clock_offset_ms)
+                       clock_offset_ms=args.clock_offset_ms, downlink=args.downlink)
 
     async def run() -> None:
         await server.start()
@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8443)
     p.add_argument("--clock-offset-ms", type=int, default=0, metavar="N",
                    help="skew the server clock by N ms (e.g. 3600000: an hour ahead)")
+    p.add_argument("--downlink", action="store_true",
+                   help="send a synthetic family stream (H.264 640x360 15 fps, Opus tone) "
+                        "to a tablet while its call is live")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("book", help="book a call; prints its session id")

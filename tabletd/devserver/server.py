@@ -26,6 +26,16 @@ new connection unless the tablet's hello shows it already holds that session, se
 
 ``clock_offset_ms`` skews the server clock (every ``_ms`` time it sends or stores) to test
 tablets against a server an hour ahead or behind.
+
+Media (section 6, :mod:`.media`): binary frames are decoded with
+:func:`tabletd.media.frames.decode_frame`; an invalid one is counted and answered with
+``error`` ``bad_message`` at most once per second per connection, and the connection stays.
+A session is live on the server from the ``start`` it sends or the tablet's
+``call_started`` (whichever first) to the tablet's ``call_ended`` or the booking's start +
+duration + 50 ms. While it is live, its uplink is recorded, without re-encoding, into
+``DIR/recordings/<session_id>.ts`` (:mod:`.recorder`), and with ``downlink=True`` a
+synthetic "family" stream is sent to the tablet (:mod:`.downlink`). Frames arriving outside
+the window are counted against the device's last session, never recorded.
 """
 
 from __future__ import annotations
@@ -33,11 +43,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -45,6 +57,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
 from tabletd.devserver import DevServerError, ca, policy
+from tabletd.devserver.downlink import EncodedLoop, encode_loop, send_downlink
+from tabletd.devserver.media import SessionMedia
 from tabletd.devserver.store import (
     Booking,
     Command,
@@ -72,11 +86,17 @@ from tabletd.link.messages import (
     encode,
     error_for,
 )
+from tabletd.media.frames import MAX_BINARY_FRAME, decode_frame
 
 log = logging.getLogger("tabletd.devserver")
 
 SUBPROTOCOL = Subprotocol(messages.SUBPROTOCOL)
-MAX_FRAME = messages.MAX_MESSAGE_BYTES  # section 1: larger frames close with 1009
+MAX_FRAME = messages.MAX_MESSAGE_BYTES  # section 1: larger text frames close with 1009
+MAX_MEDIA_FRAME = MAX_BINARY_FRAME  # section 6.1: larger binary frames close with 1009
+CLOSE_TOO_BIG = 1009
+MEDIA_ERROR_INTERVAL_NS = 1_000_000_000  # section 6.1: at most one `error` per second
+RECORDINGS = "recordings"
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 HELLO_TIMEOUT_S = 10.0
 MAX_ACK_IDS = messages.MAX_ACK_IDS  # section 3.2: an ack carries 1 to 1000 ids
 CLOSE_POLICY = 1008
@@ -98,6 +118,7 @@ class _Connection:
     starts_sent: set[str] = field(default_factory=set)
     pending: list[EventRecord] = field(default_factory=list)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    media_error_ns: int | None = None  # when the last media `error` was sent (monotonic)
 
 
 class DevServer:
@@ -109,11 +130,17 @@ class DevServer:
     :meth:`unlock`) write to the store exactly as the CLI does; the scheduler delivers.
     Raises :class:`DevServerError` from :meth:`start` if the directory's CA, keys or store
     are unusable.
+
+    ``record`` (default on) records each live session's uplink (:meth:`recording_path`,
+    :meth:`media`, :meth:`frames_after_deadline`); ``downlink`` (default off, so that a
+    client reading only text frames is not disturbed) sends the synthetic family stream
+    while a session is live.
     """
 
     def __init__(self, directory: Path, host: str = "127.0.0.1", port: int = 0,
                  clock_offset_ms: int = 0, *, tick_s: float = 0.05,
-                 wall_ms: Callable[[], int] = wall_clock_ms) -> None:
+                 wall_ms: Callable[[], int] = wall_clock_ms, downlink: bool = False,
+                 record: bool = True) -> None:
         self.directory = Path(directory)
         self.host = host
         self._port = port
@@ -125,7 +152,16 @@ class DevServer:
         self._scheduler: asyncio.Task[None] | None = None
         self._store: Store | None = None  # reads and light writes on the loop
         self._event_store: Store | None = None  # event batches, from a worker thread
-        self.messages_refused = 0  # invalid tablet messages answered with `error`
+        self.messages_refused = 0  # invalid tablet messages, text or binary
+        self.downlink = downlink  # send the synthetic family stream while a call is live
+        self.record = record  # record live sessions' uplink
+        self.media_refused = 0  # invalid binary frames (also counted in messages_refused)
+        self.media_received = 0  # valid binary frames, from every device
+        self.media_outside_call = 0  # valid frames from a device that had no session yet
+        self._live: dict[str, SessionMedia] = {}  # device id -> its live session
+        self._last_media: dict[str, SessionMedia] = {}  # device id -> its latest session
+        self._media: dict[str, SessionMedia] = {}  # session id -> its media, kept
+        self._downlink_media: asyncio.Future[EncodedLoop] | None = None
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -154,9 +190,11 @@ class DevServer:
         self._event_store = Store.open(self.directory)
         self._store.reset_connections()
         self._store.set_clock_offset_ms(self.clock_offset_ms)
+        if self.downlink:  # encode the family loop once, in a worker thread
+            self._downlink_media = asyncio.ensure_future(asyncio.to_thread(encode_loop))
         self._server = await serve(
             self._handle, self.host, self._port, ssl=tls, subprotocols=[SUBPROTOCOL],
-            max_size=MAX_FRAME, ping_interval=20, ping_timeout=20, close_timeout=2,
+            max_size=MAX_MEDIA_FRAME, ping_interval=20, ping_timeout=20, close_timeout=2,
             server_header="tabletd-devserver (REFERENCE SERVER, development only)",
         )
         self._scheduler = asyncio.create_task(self._schedule(), name="devserver-scheduler")
@@ -174,6 +212,18 @@ class DevServer:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        now = time.monotonic_ns()
+        for media in list(self._live.values()):
+            self._end_live(media, now, "server_stopped")
+        tasks: list[asyncio.Future[Any]] = [
+            m.downlink_task for m in self._media.values() if m.downlink_task is not None]
+        if self._downlink_media is not None:
+            self._downlink_media.cancel()
+            tasks.append(self._downlink_media)
+            self._downlink_media = None
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         for store in (self._store, self._event_store):
             if store is not None:
                 store.close()
@@ -246,6 +296,49 @@ class DevServer:
     def connected(self, device_id: str) -> bool:
         return device_id in self._connections
 
+    # -- media (docs/protocol.md section 6) ------------------------------------------
+
+    def recording_path(self, session_id: str) -> Path:
+        """Where a session's uplink is recorded (the file exists once a keyframe came):
+        ``DIR/recordings/<session_id>.ts``, or ``<session_id>-N.ts`` if a previous run of
+        the server had already recorded that session (a file is never overwritten)."""
+        media = self._media.get(session_id)
+        if media is not None and media.recording is not None:
+            return media.recording
+        return self.directory / RECORDINGS / f"{session_id}.ts"
+
+    def _fresh_recording_path(self, session_id: str) -> Path | None:
+        if not self.record or not _SAFE_NAME.fullmatch(session_id):
+            return None
+        path = self.directory / RECORDINGS / f"{session_id}.ts"
+        n = 0
+        while path.exists():
+            n += 1
+            path = path.with_name(f"{session_id}-{n}.ts")
+        return path
+
+    def media(self, session_id: str) -> SessionMedia | None:
+        """A session's media counters, recorder and downlink state (kept after its end)."""
+        return self._media.get(session_id)
+
+    def live_session(self, device_id: str) -> str | None:
+        """The session live on the server for this device, if any."""
+        media = self._live.get(device_id)
+        return media.session_id if media is not None else None
+
+    def frames_after_deadline(self, session_id: str) -> int:
+        """Frames of this session captured at or after the tablet's deadline
+        (``capture_us * 1000 >= deadline_ns`` of its ``call_started`` event). 0 for an
+        unknown session."""
+        media = self._media.get(session_id)
+        return media.captured_after_deadline if media is not None else 0
+
+    def frames_arrived_after_deadline(self, session_id: str) -> int:
+        """Frames of this session that reached the server after the booking's start +
+        duration + 50 ms (server clock)."""
+        media = self._media.get(session_id)
+        return media.arrived_after_deadline if media is not None else 0
+
     # -- one connection --------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
@@ -270,6 +363,8 @@ class DevServer:
                  conn.session_id)
         if previous is not None:
             await previous.ws.close(1000, "replaced by a newer connection")
+        if session is not None and session.state == "live":
+            self._go_live(conn, session.id)  # a reconnection during the call
         try:
             async with asyncio.TaskGroup() as tg:
                 writer = tg.create_task(self._write_events(conn), name=f"events-{cn}")
@@ -279,6 +374,10 @@ class DevServer:
             if conn.pending:  # stored, never acknowledged: the tablet sends them again
                 await asyncio.to_thread(self._events().add_events, cn, conn.pending,
                                         self.now_ms())
+            live = self._live.get(cn)
+            if (live is not None and live.downlink_conn is conn
+                    and live.downlink_task is not None):
+                live.downlink_task.cancel()
             if self._connections.get(cn) is conn:
                 del self._connections[cn]
                 if self._event_store is not None:
@@ -324,12 +423,19 @@ class DevServer:
         """Every frame until the connection closes; nothing malformed ends it."""
         with contextlib.suppress(ConnectionClosed):
             async for data in conn.ws:
+                if isinstance(data, bytes):
+                    await self._on_media(conn, data)
+                    continue
+                if len(data) > MAX_FRAME // 4 and len(data.encode("utf-8")) > MAX_FRAME:
+                    await conn.ws.close(CLOSE_TOO_BIG, "message too big")
+                    return
                 try:
                     msg = self._decode(data)
                 except ProtocolError as exc:
                     await self._refuse(conn, error_for(exc))
                     continue
                 if isinstance(msg, EventMsg):
+                    self._on_call_event(conn, msg)
                     conn.pending.append(_event_record(msg))
                     conn.wake.set()
                 elif isinstance(msg, ErrorMsg):
@@ -347,6 +453,105 @@ class DevServer:
         log.warning("device %s sent an invalid message: %s: %s", conn.device_id, error.code,
                     error.detail)
         await conn.ws.send(encode(error))
+
+    async def _on_media(self, conn: _Connection, data: bytes) -> None:
+        """One binary frame: decode, attribute to the device's session, record if live."""
+        now = time.monotonic_ns()
+        try:
+            frame = decode_frame(data)
+        except ProtocolError as exc:
+            self.messages_refused += 1
+            self.media_refused += 1
+            if (conn.media_error_ns is None
+                    or now - conn.media_error_ns >= MEDIA_ERROR_INTERVAL_NS):
+                conn.media_error_ns = now
+                log.warning("device %s sent an invalid media frame: %s", conn.device_id,
+                            exc.detail)
+                await conn.ws.send(encode(error_for(exc)))
+            return
+        self.media_received += 1
+        live = self._live.get(conn.device_id)
+        if live is not None and live.past_deadline(now):
+            self._end_live(live, now, "deadline")
+        media = self._last_media.get(conn.device_id)
+        if media is None:
+            self.media_outside_call += 1
+            return
+        media.on_frame(frame, now)
+
+    def _on_call_event(self, conn: _Connection, msg: EventMsg) -> None:
+        """``call_started``/``call_ended`` open and close the session's media window."""
+        sid = msg.session_id
+        if sid is None:
+            return
+        if msg.kind == "call_started":
+            media = self._go_live(conn, sid)
+            if media is not None:
+                media.set_tablet_times(_int_field(msg, "started_ns"),
+                                       _int_field(msg, "deadline_ns"))
+        elif msg.kind == "call_ended":
+            media = self._media.get(sid)
+            if media is not None and media.device_id == conn.device_id:
+                reason = msg.fields.get("reason")
+                self._end_live(media, time.monotonic_ns(),
+                               reason if isinstance(reason, str) else "call_ended")
+
+    def _go_live(self, conn: _Connection, sid: str) -> SessionMedia | None:
+        """Open (or resume on a new connection) the media window of a started booking.
+        None if the booking is not this device's, is over, or its window already closed."""
+        media = self._media.get(sid)
+        if media is None:
+            booking = self.store.booking(sid)
+            if (booking is None or booking.device_id != conn.device_id
+                    or booking.state in ("ended", "cancelled")):
+                return None
+            now_ms = self.now_ms()
+            now = time.monotonic_ns()
+            started_ms = booking.started_ms if booking.started_ms is not None else now_ms
+            deadline = now + (started_ms + booking.duration_s * 1000 - now_ms) * 1_000_000
+            if now > deadline:
+                return None
+            previous = self._live.get(conn.device_id)
+            if previous is not None:
+                self._end_live(previous, now, "superseded")
+            media = SessionMedia(sid, conn.device_id, self._fresh_recording_path(sid),
+                                 live_from_ns=now,
+                                 deadline_mono_ns=deadline)
+            self._media[sid] = media
+            self._live[conn.device_id] = self._last_media[conn.device_id] = media
+            log.info("session %s of %s is live on the server (%.1f s left)", sid,
+                     conn.device_id, (deadline - now) / 1e9)
+        if not media.live:
+            return None
+        if self.downlink and (media.downlink_task is None or media.downlink_task.done()
+                              or media.downlink_conn is not conn):
+            if media.downlink_task is not None:
+                media.downlink_task.cancel()
+            media.downlink_conn = conn
+            media.downlink_task = asyncio.create_task(self._send_downlink(conn, media),
+                                                      name=f"downlink-{sid}")
+        return media
+
+    def _end_live(self, media: SessionMedia, now: int, reason: str) -> None:
+        if media.live:
+            log.info("session %s media window closed (%s): %d frames received, %d recorded",
+                     media.session_id, reason, media.frames_received, media.frames_recorded)
+        media.end(now, reason)
+        if self._live.get(media.device_id) is media:
+            del self._live[media.device_id]
+
+    async def _send_downlink(self, conn: _Connection, media: SessionMedia) -> None:
+        if self._downlink_media is None:
+            return
+        try:
+            loop_media = await asyncio.shield(self._downlink_media)
+        except Exception:
+            log.exception("cannot encode the synthetic downlink; session %s gets none",
+                          media.session_id)
+            return
+        with contextlib.suppress(ConnectionClosed):
+            await send_downlink(conn.ws.send, loop_media, media.deadline_mono_ns,
+                                media.downlink)
 
     @staticmethod
     def _decode(data: str | bytes) -> DeviceMessage:
@@ -388,6 +593,10 @@ class DevServer:
             await asyncio.sleep(self.tick_s)
 
     async def _tick(self) -> None:
+        now_ns = time.monotonic_ns()
+        for media in list(self._live.values()):
+            if media.past_deadline(now_ns):
+                self._end_live(media, now_ns, "deadline")
         if not self._connections:
             return
         store = self.store
@@ -430,6 +639,7 @@ class DevServer:
             conn.starts_sent.add(sid)
             self.store.mark_started(sid, now)
             log.info("sent start %s to %s", sid, conn.device_id)
+            self._go_live(conn, sid)
 
 
 def book(store: Store, device_id: str, *, now_ms: int, in_s: float, duration_s: int,
@@ -461,6 +671,11 @@ def _event_record(msg: EventMsg) -> EventRecord:
                        fields=dict(msg.fields))
 
 
+
+
+def _int_field(msg: EventMsg, name: str) -> int | None:
+    value = msg.fields.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _type_name(msg: object) -> str:
