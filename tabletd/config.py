@@ -105,6 +105,19 @@ class LinkConfig:
 
 
 @dataclass(frozen=True)
+class MediaConfig:
+    """Camera and microphone while a call is live (``docs/protocol.md`` section 6)."""
+
+    width: int = field(default=1280, metadata=_bounds(160, 1920))
+    height: int = field(default=720, metadata=_bounds(120, 1080))
+    fps: int = field(default=25, metadata=_bounds(1, 30))
+    bitrate: int = field(default=1_500_000, metadata=_bounds(100_000, 8_000_000))
+    audio: bool = True
+    uplink_max_bytes: int = field(default=524_288, metadata=_bounds(65_536, 8_388_608))
+    frame_timeout_s: float = field(default=3.0, metadata=_bounds(0.5, 30))
+
+
+@dataclass(frozen=True)
 class StatusApiConfig:
     """The local, read-only status API. Loopback addresses only."""
 
@@ -150,6 +163,7 @@ class Config:
     enforcement: EnforcementConfig = EnforcementConfig()
     watchdog: WatchdogConfig = WatchdogConfig()
     link: LinkConfig = LinkConfig()
+    media: MediaConfig = MediaConfig()
     status_api: StatusApiConfig = StatusApiConfig()
     logging: LoggingConfig = LoggingConfig()
     paths: PathsConfig = PathsConfig()
@@ -273,6 +287,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "enforcement": EnforcementConfig,
     "watchdog": WatchdogConfig,
     "link": LinkConfig,
+    "media": MediaConfig,
     "status_api": StatusApiConfig,
     "logging": LoggingConfig,
     "paths": PathsConfig,

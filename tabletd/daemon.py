@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -29,7 +30,8 @@ from tabletd.clock import NS_PER_MS, NS_PER_S, BootClock, Clock, boot_id
 from tabletd.config import Config
 from tabletd.errors import HardwareError, StateFileError, TabletdError
 from tabletd.events import EventStore
-from tabletd.hardware import Hardware, open_hardware
+from tabletd.hardware import Hardware, open_hardware, open_media
+from tabletd.hardware.camera import MediaSource
 from tabletd.link import messages as msgs
 from tabletd.link.client import LinkClient
 from tabletd.link.grants import (
@@ -41,6 +43,8 @@ from tabletd.link.grants import (
     NonceStoreError,
     load_public_key,
 )
+from tabletd.media.frames import MediaFrame, encode_frame
+from tabletd.media.uplink import UplinkQueue
 from tabletd.persistence import StateFile
 from tabletd.sdnotify import Notifier
 from tabletd.session import (
@@ -50,6 +54,7 @@ from tabletd.session import (
     Input,
     LinkChanged,
     LockRequested,
+    MediaFailed,
     Persist,
     Policy,
     PrivacyChanged,
@@ -171,6 +176,10 @@ class Daemon:
         self._nonces: NonceStore | None = None
         self._mapping: ClockMapping | None = None
         self._accepted_body: GrantBody | None = None  # a re-sent identical grant is no replay
+        self._camera: MediaSource | None = None
+        self._microphone: MediaSource | None = None
+        self._media_running = False
+        self._media_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="media")
         self.on_action: Callable[[Action, int], None] | None = None  # observers (the demo)
 
     # ---- thread-safe entry points ------------------------------------------------------
@@ -238,7 +247,9 @@ class Daemon:
             else:
                 self._verifier = GrantVerifier(load_public_key(cfg.link.grant_public_key),
                                                cfg.device.id, self._nonces)
-            self.link = LinkClient(cfg.link, self, self.store, self.clock)
+            self.link = LinkClient(cfg.link, self, self.store, self.clock,
+                                   uplink=UplinkQueue(cfg.media.uplink_max_bytes))
+            self._camera, self._microphone = open_media(cfg)
         fault = await asyncio.to_thread(guard.wait_first_check, 2.0)
         self._restore()
         if fault is not None:
@@ -299,6 +310,8 @@ class Daemon:
         if self._device_watchdog is not None:
             # Disarm (magic close) only on an orderly stop; after a crash it keeps counting.
             self._device_watchdog.close(disarm=self._stop.is_set())
+        self._media_off()
+        self._media_worker.shutdown(wait=True, cancel_futures=False)
         if self.hardware is not None:
             self.hardware.close()
         if self.store is not None:
@@ -367,10 +380,13 @@ class Daemon:
             match action:
                 case RailOff(reason=reason, due_ns=due):
                     cut = self.guard.cut(reason, due)
+                    self._media_off()  # after the cut: teardown never delays it
                     if cut is not None:
                         self._record("rail_cut", {**_cut_fields(cut), **self._session_field()})
                 case RailOn(until_ns=until, cause=cause):
-                    if not self.guard.power(until, cause):
+                    if self.guard.power(until, cause):
+                        self._media_on(until)
+                    else:
                         log.warning("rail power refused by the guard (until %d)", until,
                                     extra={"EVENT": "rail_refused"})
                 case Record(kind=kind, fields=fields):
@@ -505,6 +521,69 @@ class Daemon:
     def on_protocol_error(self, exc: msgs.ProtocolError) -> None:
         self._record("protocol_error", {"code": exc.code, "detail": exc.detail[:512],
                                         "ref": exc.ref})
+
+    def media_allowed(self) -> bool:
+        assert self.guard is not None
+        return self.guard.rail_on and self.machine.state is State.LIVE
+
+    def on_media(self, frame: MediaFrame) -> None:
+        """The relative's media: to the local screen only while live (invariant 7)."""
+        if self.media_allowed() and self.status_server is not None:
+            self.status_server.media.publish(encode_frame(frame))
+
+    # ---- media: started with the rail, stopped after the cut --------------------------------
+
+    def _media_on(self, until_ns: int) -> None:
+        if self.link is None or self._camera is None:
+            return  # no link: nowhere to send media, so the camera stays off
+        # Nothing captured at or after the rail's end is ever queued (invariant 7).
+        self.link.uplink.set_deadline(until_ns // 1000)
+        if self._media_running:
+            return
+        self._media_running = True
+        loop = self._loop
+        assert loop is not None
+        sources = [s for s in (self._camera, self._microphone) if s is not None]
+
+        def on_frame(frame: MediaFrame) -> None:
+            loop.call_soon_threadsafe(self._media_frame, frame)
+
+        def on_fault(detail: str) -> None:
+            self.submit(MediaFailed(detail))
+
+        def start() -> None:
+            for source in sources:
+                source.start(on_frame, on_fault)
+
+        # One worker thread runs every start and stop, in order, off the loop: a device that
+        # hangs can delay its own start, never the loop or the cut.
+        self._media_worker.submit(start)
+
+    def _media_off(self) -> None:
+        if self.link is not None:
+            self.link.uplink.clear()
+            self.link.uplink.set_deadline(0)  # everything is "after the deadline" until on
+        if not self._media_running:
+            return
+        self._media_running = False
+        sources = [s for s in (self._camera, self._microphone) if s is not None]
+
+        def stop() -> None:
+            for source in sources:
+                try:
+                    source.stop()
+                except Exception:
+                    log.exception("stopping %s failed", type(source).__name__)
+
+        self._media_worker.submit(stop)
+
+    def _media_frame(self, frame: MediaFrame) -> None:
+        if self.link is None or not self.media_allowed():
+            return  # produced after the cut (or before the loop heard of it): dropped
+        self.link.push_media(frame)
+        if self.link.uplink.want_keyframe and self._camera is not None:
+            self._camera.request_keyframe()
+            self.link.uplink.keyframe_requested()
 
     def _grant(self, body: GrantBody, signature: str) -> msgs.ErrorMsg | None:
         """Link-level checks (signature, binding, clock, replay; invariant 5), then the

@@ -40,6 +40,8 @@ ignored and change nothing)::
     SCHEDULED   EndByServer         id matches                     ENDED      call_ended(server_end)
     LIVE        Tick                now >= deadline                ENDED      call_ended(deadline)
     LIVE        EndByServer         id matches                     ENDED      call_ended(server_end)
+    LIVE        MediaFailed         (camera or microphone gave up) ENDED      media_fault,
+                                                                              call_ended(camera_fault)
     *           PrivacyChanged      changed (LIVE: engaged ends)   (ENDED)    privacy_* (+ end)
     *           DockChanged         changed (LIVE: docked ends,    (ENDED)    docked/undocked
                                     unless policy allows)                     (+ end)
@@ -84,6 +86,7 @@ class EndReason(StrEnum):
     DOCKED = "docked"
     EXPIRED = "expired"
     REBOOT = "reboot"
+    CAMERA_FAULT = "camera_fault"
 
 
 class Screen(StrEnum):
@@ -185,13 +188,20 @@ class RailFaultDetected:
 
 
 @dataclass(frozen=True)
+class MediaFailed:
+    """The camera or microphone failed past its restarts during a live call."""
+
+    detail: str
+
+
+@dataclass(frozen=True)
 class Tick:
     pass
 
 
 Input: TypeAlias = (
     GrantReceived | StartCall | EndByServer | PrivacyChanged | TamperChanged | DockChanged
-    | LinkChanged | LockRequested | UnlockRequested | RailFaultDetected | Tick
+    | LinkChanged | LockRequested | UnlockRequested | RailFaultDetected | MediaFailed | Tick
 )
 
 # ---- actions --------------------------------------------------------------------------
@@ -508,6 +518,14 @@ class SessionMachine:
                               locked_reason=self._snap.locked_reason)
         self._record("fault", detail=ev.detail)
 
+    def _on_media_failed(self, ev: MediaFailed, now: int) -> None:
+        self._record("media_fault", session_id=self._session_id(), detail=ev.detail)
+        self._end(EndReason.CAMERA_FAULT, now)
+
+    def _session_id(self) -> str | None:
+        g = self._snap.grant
+        return None if g is None else g.session_id
+
     def _on_tick(self, ev: Tick, now: int) -> None:
         """Expiry is checked for every input by :meth:`_expire`; a tick only triggers it."""
 
@@ -615,6 +633,7 @@ _TABLE: dict[tuple[State, type[Any]], _Handler] = {
     (State.SCHEDULED, StartCall): SessionMachine._on_start,
     (State.SCHEDULED, EndByServer): SessionMachine._on_end_by_server,
     (State.LIVE, EndByServer): SessionMachine._on_end_by_server,
+    (State.LIVE, MediaFailed): SessionMachine._on_media_failed,
     (State.LOCKED, UnlockRequested): SessionMachine._on_unlock,
     (State.FAULT, UnlockRequested): SessionMachine._on_unlock,
 }

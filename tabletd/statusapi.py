@@ -20,6 +20,8 @@ from websockets.http11 import Request, Response
 
 STATUS_PATH = "/v1/status"
 STREAM_PATH = "/v1/status/stream"
+MEDIA_PATH = "/v1/media/stream"
+MEDIA_QUEUE_FRAMES = 64  # per subscriber; a slow one loses frames, never slows the others
 
 
 class StatusHub:
@@ -67,16 +69,45 @@ def _json_response(status: HTTPStatus, body: Any) -> Response:
     return Response(status.value, status.phrase, headers, data)
 
 
+class MediaHub:
+    """The relative's media (downlink), fanned out to local subscribers (the screen).
+
+    Only the daemon publishes, and only while a call is live (invariant 7); nothing is
+    buffered beyond each subscriber's small queue, and nothing is written anywhere.
+    """
+
+    def __init__(self) -> None:
+        self._subscribers: set[asyncio.Queue[bytes]] = set()
+        self.dropped = 0
+
+    def publish(self, frame: bytes) -> None:
+        for q in self._subscribers:
+            if q.full():
+                self.dropped += 1
+            else:
+                q.put_nowait(frame)
+
+    def subscribe(self) -> asyncio.Queue[bytes]:
+        q: asyncio.Queue[bytes] = asyncio.Queue(MEDIA_QUEUE_FRAMES)
+        self._subscribers.add(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue[bytes]) -> None:
+        self._subscribers.discard(q)
+
+
 class StatusServer:
-    def __init__(self, hub: StatusHub, host: str, port: int) -> None:
+    def __init__(self, hub: StatusHub, host: str, port: int,
+                 media: MediaHub | None = None) -> None:
         self.hub = hub
+        self.media = media or MediaHub()
         self.host = host
         self.port = port
         self._server: Server | None = None
 
     async def start(self) -> None:
         self._server = await serve(
-            self._stream, self.host, self.port,
+            self._connection, self.host, self.port,
             process_request=self._route, max_size=1024, max_queue=4,
         )
         sock = next(iter(self._server.sockets))
@@ -93,7 +124,7 @@ class StatusServer:
 
     def _route(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
-        if path == STREAM_PATH:
+        if path in (STREAM_PATH, MEDIA_PATH):
             return None  # go on with the websocket handshake
         if path == STATUS_PATH:
             if request.headers.get("Upgrade"):
@@ -102,7 +133,22 @@ class StatusServer:
             return _json_response(HTTPStatus.OK, self.hub.status())
         return _json_response(HTTPStatus.NOT_FOUND,
                               {"error": f"no such path {path!r}",
-                               "paths": [STATUS_PATH, STREAM_PATH]})
+                               "paths": [STATUS_PATH, STREAM_PATH, MEDIA_PATH]})
+
+    async def _connection(self, ws: ServerConnection) -> None:
+        if ws.request is not None and ws.request.path.split("?", 1)[0] == MEDIA_PATH:
+            await self._media(ws)
+        else:
+            await self._stream(ws)
+
+    async def _media(self, ws: ServerConnection) -> None:
+        """Binary frames in the format of ``docs/protocol.md`` section 6.1, as received."""
+        q = self.media.subscribe()
+        try:
+            while True:
+                await ws.send(await q.get())
+        finally:
+            self.media.unsubscribe(q)
 
     async def _stream(self, ws: ServerConnection) -> None:
         last = None

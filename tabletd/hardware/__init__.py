@@ -16,6 +16,13 @@ from typing import Any
 from tabletd.config import Config
 from tabletd.errors import HardwareError
 from tabletd.hardware.backlight import Backlight, find_backlight
+from tabletd.hardware.camera import (
+    AlsaMicrophone,
+    MediaSource,
+    Picamera2Camera,
+    SimCamera,
+    SimMicrophone,
+)
 from tabletd.hardware.inputs import Switch
 from tabletd.hardware.led import StatusLed
 from tabletd.hardware.rail import KillSwitch
@@ -47,6 +54,23 @@ class Hardware:
                 log.exception("closing %s failed", type(part).__name__)
         if self.sim is not None:
             self.sim.close()
+
+
+def open_media(cfg: Config) -> tuple[MediaSource, MediaSource | None]:
+    """The camera and (when ``[media] audio``) the microphone, not started: they start only
+    once the rail is on, and stop after it is cut."""
+    m = cfg.media
+    camera: MediaSource
+    microphone: MediaSource | None
+    if cfg.hardware.backend == "sim":
+        camera = SimCamera(m.width, m.height, m.fps, m.bitrate,
+                           frame_timeout_s=m.frame_timeout_s)
+        microphone = SimMicrophone() if m.audio else None
+    else:
+        camera = Picamera2Camera(m.width, m.height, m.fps, m.bitrate,
+                                 frame_timeout_s=m.frame_timeout_s)
+        microphone = AlsaMicrophone() if m.audio else None
+    return camera, microphone
 
 
 def open_rail(cfg: Config, state_dir: Path) -> tuple[KillSwitch, SimWorld | None]:

@@ -18,6 +18,7 @@ import logging
 import random
 import re
 import ssl
+import time
 from typing import Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -43,11 +44,12 @@ from tabletd.link.messages import (
     encode,
     error_for,
 )
+from tabletd.media.frames import MAX_BINARY_FRAME, MediaFrame, decode_frame, encode_frame
+from tabletd.media.uplink import UplinkQueue
 
 log = logging.getLogger(__name__)
 
 SUBPROTOCOL = Subprotocol("tabletd.v1")
-MAX_FRAME = 65_536
 WELCOME_TIMEOUT_S = 10.0
 _RETRY_AFTER = re.compile(r"retry_after=(\d{1,4})")
 
@@ -75,6 +77,15 @@ class LinkHost(Protocol):
         """An invalid frame from the server (to be recorded as an event)."""
         ...
 
+    def media_allowed(self) -> bool:
+        """True only while a call is live with the rail on (invariant 7): checked again
+        for every uplink frame, just before it is sent."""
+        ...
+
+    def on_media(self, frame: MediaFrame) -> None:
+        """A downlink frame (the relative's media); the host drops it unless live."""
+        ...
+
 
 class _Closed(Exception):
     """The receiver saw the connection end: tears the connection's TaskGroup down."""
@@ -100,7 +111,7 @@ class LinkClient:
     """Run with :meth:`run` (forever); call :meth:`outbox_changed` after each new event."""
 
     def __init__(self, cfg: LinkConfig, host: LinkHost, store: EventStore, clock: Clock, *,
-                 rng: random.Random | None = None) -> None:
+                 uplink: UplinkQueue | None = None, rng: random.Random | None = None) -> None:
         self.cfg = cfg
         self.host = host
         self.store = store
@@ -114,6 +125,12 @@ class LinkClient:
         self.events_acked = 0
         self._wake = asyncio.Event()
         self._inflight: set[str] = set()
+        # The uplink media queue, in memory only (invariant 7), bounded (protocol 6.3).
+        self.uplink = uplink if uplink is not None else UplinkQueue(max_bytes=524_288)
+        self._media_wake = asyncio.Event()
+        self.media_sent = 0
+        self.media_received = 0
+        self._media_errors_at = 0.0
         self._welcomed = False
         self._retry_after: float | None = None
 
@@ -126,6 +143,11 @@ class LinkClient:
 
     def outbox_changed(self) -> None:
         self._wake.set()
+
+    def push_media(self, frame: MediaFrame) -> None:
+        """Queue an uplink frame (on the loop); the sender drains the queue while connected."""
+        self.uplink.push(frame, self.clock.boot_ns() // 1000)
+        self._media_wake.set()
 
     # ---- the reconnect loop ------------------------------------------------------------
 
@@ -163,7 +185,7 @@ class LinkClient:
         async with connect(
             cfg.url, ssl=tls, subprotocols=[SUBPROTOCOL],
             ping_interval=cfg.ping_interval_s, ping_timeout=cfg.ping_timeout_s,
-            max_size=MAX_FRAME, open_timeout=10, close_timeout=2,
+            max_size=MAX_BINARY_FRAME, open_timeout=10, close_timeout=2,
             # Never through a proxy from the environment: the tablet talks to its server
             # directly, and an HTTPS_PROXY slipped into the unit must not reroute the link.
             proxy=None,
@@ -195,6 +217,7 @@ class LinkClient:
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._send_events(ws), name="link-send")
+                    tg.create_task(self._send_media(ws), name="link-media")
                     tg.create_task(self._receive(ws), name="link-receive")
             finally:
                 self.connected = False
@@ -235,6 +258,20 @@ class LinkClient:
             if not batch:
                 await self._wake.wait()
 
+    async def _send_media(self, ws: ClientConnection) -> None:
+        """A slow link blocks in ``send``; meanwhile the queue drops by its policy, so the
+        delay never grows past 2 s (protocol 6.3)."""
+        while True:
+            self._media_wake.clear()
+            frame = self.uplink.pop()
+            if frame is None:
+                await self._media_wake.wait()
+                continue
+            if not self.host.media_allowed():
+                continue  # the call ended between queueing and sending: never sent
+            await ws.send(encode_frame(frame))
+            self.media_sent += 1
+
     async def _receive(self, ws: ClientConnection) -> None:
         try:
             async for data in ws:
@@ -247,9 +284,7 @@ class LinkClient:
 
     def _handle_frame(self, data: str | bytes) -> ErrorMsg | None:
         if isinstance(data, bytes):
-            err = ProtocolError("bad_message", "binary frames are reserved for media (#4)")
-            self.host.on_protocol_error(err)
-            return error_for(err)
+            return self._handle_media(data)
         try:
             msg = decode_server_message(data)
         except ProtocolError as exc:
@@ -270,4 +305,20 @@ class LinkClient:
             self.host.on_protocol_error(err)
             return error_for(err)
         return self.host.on_server_message(msg)
+
+    def _handle_media(self, data: bytes) -> ErrorMsg | None:
+        try:
+            frame = decode_frame(data)
+        except ProtocolError as exc:
+            # A broken media stream would flood the outbox and the server: one error (and
+            # one event) per second at most (protocol 6.1).
+            now = time.monotonic()
+            if now - self._media_errors_at < 1.0:
+                return None
+            self._media_errors_at = now
+            self.host.on_protocol_error(exc)
+            return error_for(exc)
+        self.media_received += 1
+        self.host.on_media(frame)
+        return None
 

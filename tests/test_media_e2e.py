@@ -1,0 +1,83 @@
+"""A whole simulated call with media: the daemon's simulated camera and microphone, real H.264
+and Opus, over real mutual TLS to the reference server, which records it (issue 4)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import av
+import pytest
+from websockets.asyncio.client import connect
+
+from tabletd.devserver import ca
+from tabletd.devserver.proxy import FaultProxy
+from tabletd.devserver.server import DevServer
+from tabletd.devserver.store import Store
+from tabletd.media.frames import Stream, decode_frame
+from tabletd.session import State
+
+from .conftest import wait_for
+from .test_link import DEVICE, Net
+
+
+@pytest.fixture
+async def media_net(tmp_path: Path) -> AsyncIterator[Net]:
+    srv_dir = tmp_path / "srv"
+    ca.init(srv_dir)
+    ca.issue_device(srv_dir, DEVICE)
+    with Store.open(srv_dir) as store:
+        store.add_device(DEVICE, 0)
+    server = DevServer(srv_dir, tick_s=0.01, downlink=True)
+    await server.start()
+    proxy = FaultProxy("127.0.0.1", server.port)
+    await proxy.start()
+    try:
+        yield Net(server, proxy, srv_dir)
+    finally:
+        await proxy.close()
+        await server.stop()
+
+
+def decoded_video_frames(path: Path) -> int:
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+@pytest.mark.timeout(60)
+async def test_a_call_is_recorded_and_nothing_is_sent_after_the_deadline(
+        media_net: Net, start_daemon) -> None:
+    net = media_net
+    run = await start_daemon(net.config())
+    d = run.daemon
+    fps = d.cfg.media.fps
+    await wait_for(lambda: d.machine.link_up, within=10)
+    session = net.server.book(DEVICE, in_s=0.2, duration_s=4)
+    await wait_for(lambda: d.machine.state is State.LIVE, within=5)
+
+    # the relative's media reaches the local screen while live
+    port = d.status_server.port
+    downlink: list[int] = []
+    async with connect(f"ws://127.0.0.1:{port}/v1/media/stream") as ws:
+        async with asyncio.timeout(5):
+            while len(downlink) < 5:
+                frame = decode_frame(await ws.recv())  # type: ignore[arg-type]
+                downlink.append(frame.stream)
+    assert Stream.VIDEO in downlink
+
+    await wait_for(lambda: d.machine.state is State.ENDED, within=8)
+    sent_at_end = d.link.media_sent
+    await asyncio.sleep(0.5)  # the camera's own teardown runs after the cut
+    assert d.link.media_sent == sent_at_end, "media sent after the call ended"
+    assert net.server.frames_after_deadline(session) == 0
+    await wait_for(lambda: d.store.count() == 0, within=10)
+
+    path = net.server.recording_path(session)
+    assert path is not None and path.exists()
+    frames = decoded_video_frames(path)
+    expected = 4 * fps
+    assert abs(frames - expected) <= 0.05 * expected + 1, (frames, expected)
+    print(f"recorded {frames} video frames for {expected} expected; "
+          f"{d.link.media_sent} media frames sent")
+    assert not list(d.paths.state_dir.rglob("*.ts")), "media stored on the tablet"
