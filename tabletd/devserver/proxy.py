@@ -4,7 +4,8 @@ It sits between the tablet and the reference server on loopback and misbehaves o
 like a bad network: ``pass`` (forward), ``blackhole`` (accept and forward nothing, as when a
 cable is cut or an access point vanishes: only keepalive timeouts notice), ``reset`` (abort
 every connection and refuse new ones), ``delay`` (hold each chunk ``delay_s``), ``split``
-(forward in 1-7 byte pieces, so frames arrive cut at every possible place).
+(forward in 1-7 byte pieces, so frames arrive cut at every possible place), ``throttle``
+(at most ``rate_bps`` bytes per second each way: a slow link).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import socket
 import struct
 from typing import Literal
 
-Mode = Literal["pass", "blackhole", "reset", "delay", "split"]
+Mode = Literal["pass", "blackhole", "reset", "delay", "split", "throttle"]
+RECEIVE_BUFFER = 32_768
 
 
 class FaultProxy:
@@ -27,13 +29,21 @@ class FaultProxy:
         self.port = port
         self.mode: Mode = "pass"
         self.delay_s = 0.0
+        self.rate_bps = 0
         self.connections = 0
         self._rng = random.Random(seed)  # noqa: S311 (split sizes, not secrets)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._client, self.host, self.port)
+        # Set on the listener so accepted sockets inherit it before the window is advertised:
+        # a middlebox with modest buffers, so that "throttle" means a slow link, not a deep
+        # buffer in front of one.
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        listener.bind((self.host, self.port))
+        self._server = await asyncio.start_server(self._client, sock=listener)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
@@ -42,9 +52,10 @@ class FaultProxy:
             self._server.close()
             await self._server.wait_closed()
 
-    def set_mode(self, mode: Mode, delay_s: float = 0.0) -> None:
+    def set_mode(self, mode: Mode, delay_s: float = 0.0, rate_bps: int = 16_384) -> None:
         self.mode = mode
         self.delay_s = delay_s
+        self.rate_bps = rate_bps
         if mode == "reset":
             for w in list(self._writers):
                 _abort(w)
@@ -77,11 +88,13 @@ class FaultProxy:
 
     async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         while True:
-            data = await src.read(65536)
+            data = await src.read(4096 if self.mode == "throttle" else 65536)
             if not data:
                 raise _PumpDone
             if self.mode == "blackhole":
                 continue
+            if self.mode == "throttle":
+                await asyncio.sleep(len(data) / max(1, self.rate_bps))
             if self.mode == "delay":
                 await asyncio.sleep(self.delay_s)
             if self.mode == "split":

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import random
 import re
+import socket
 import ssl
 import time
 from typing import Protocol
@@ -51,6 +52,11 @@ log = logging.getLogger(__name__)
 
 SUBPROTOCOL = Subprotocol("tabletd.v1")
 WELCOME_TIMEOUT_S = 10.0
+# Bytes that may wait below the uplink queue (websockets' buffer, then the kernel's). Kept
+# small so that a slow link pushes back on the queue, which drops to a keyframe, instead of
+# megabytes of media piling up in socket buffers as seconds of delay (protocol 6.3).
+WRITE_LIMIT = 16_384
+SEND_BUFFER = 32_768
 _RETRY_AFTER = re.compile(r"retry_after=(\d{1,4})")
 
 
@@ -85,6 +91,12 @@ class LinkHost(Protocol):
     def on_media(self, frame: MediaFrame) -> None:
         """A downlink frame (the relative's media); the host drops it unless live."""
         ...
+
+
+def _bound_send_buffer(ws: ClientConnection) -> None:
+    sock = ws.transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
 
 
 class _Closed(Exception):
@@ -186,10 +198,12 @@ class LinkClient:
             cfg.url, ssl=tls, subprotocols=[SUBPROTOCOL],
             ping_interval=cfg.ping_interval_s, ping_timeout=cfg.ping_timeout_s,
             max_size=MAX_BINARY_FRAME, open_timeout=10, close_timeout=2,
+            write_limit=WRITE_LIMIT,
             # Never through a proxy from the environment: the tablet talks to its server
             # directly, and an HTTPS_PROXY slipped into the unit must not reroute the link.
             proxy=None,
         ) as ws:
+            _bound_send_buffer(ws)
             if ws.subprotocol != SUBPROTOCOL:
                 raise ProtocolError("bad_message", f"server chose subprotocol {ws.subprotocol!r}")
             t0 = self.clock.boot_ns()
