@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import av
+
 from tabletd.clock import NS_PER_S
 from tabletd.config import Config, LinkConfig
 from tabletd.daemon import Daemon
@@ -127,7 +129,7 @@ class _Demo:
                          and daemon.store.count() == 0, 30)
         finally:
             view.cancel()
-        return self._summary(daemon, server, device)
+        return self._summary(daemon, server, device, session)
 
     async def _view(self, daemon: Daemon, server: DevServer) -> None:
         while True:
@@ -145,7 +147,7 @@ class _Demo:
                      f"{len(server.events(daemon.cfg.device.id)):>2}")
             await asyncio.sleep(VIEW_PERIOD_S)
 
-    def _summary(self, daemon: Daemon, server: DevServer, device: str) -> int:
+    def _summary(self, daemon: Daemon, server: DevServer, device: str, session: str) -> int:
         assert daemon.store is not None and daemon.link is not None
         received = server.events(device)
         kinds = [e.kind for e in received]
@@ -161,12 +163,24 @@ class _Demo:
         print(f"  events: {appended} recorded, {daemon.link.events_sent} sent, "
               f"{daemon.link.events_acked} acknowledged, {pending} pending; the server stored "
               f"{len(received)} distinct ({server.duplicates_received} duplicates discarded)")
+        recording = server.recording_path(session)
+        video = _decodable_video_frames(recording) if recording is not None else 0
+        after = server.frames_after_deadline(session)
+        print(f"  media: {daemon.link.media_sent} frames sent; the server recorded {video} "
+              f"decodable video frames ({recording.name if recording else 'no file'}), "
+              f"{after} captured after the deadline; nothing stored on the tablet")
         ok = (ended is not None and ended.fields["reason"] == "deadline" and late is not None
-              and late <= 20 and pending == 0 and len(received) == appended)
+              and late <= 20 and pending == 0 and len(received) == appended and video > 0
+              and after == 0)
         print(f"\n{'OK' if ok else 'FAILED'}: "
               + ("the call ended at its deadline through a network cut, and nothing was lost"
                  if ok else "see above"))
         return 0 if ok else 1
+
+
+def _decodable_video_frames(path: Path) -> int:
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
 
 
 async def _until(predicate: Callable[[], bool], within_s: float) -> None:
