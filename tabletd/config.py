@@ -113,7 +113,8 @@ class MediaConfig:
     fps: int = field(default=25, metadata=_bounds(1, 30))
     bitrate: int = field(default=1_500_000, metadata=_bounds(100_000, 8_000_000))
     audio: bool = True
-    uplink_max_bytes: int = field(default=524_288, metadata=_bounds(65_536, 8_388_608))
+    # at least a few 720p keyframes: a queue smaller than one would drop every keyframe
+    uplink_max_bytes: int = field(default=524_288, metadata=_bounds(262_144, 8_388_608))
     frame_timeout_s: float = field(default=3.0, metadata=_bounds(0.5, 30))
 
 
@@ -310,6 +311,11 @@ def _cross_checks(sections: dict[str, Any], source: str) -> list[str]:
         )
     link = cast(LinkConfig, sections.get("link", LinkConfig()))
     problems += _link_checks(link, source)
+    media = cast(MediaConfig, sections.get("media", MediaConfig()))
+    for key in ("width", "height"):
+        if getattr(media, key) % 2:
+            problems.append(f"{source}: [media] {key} = {getattr(media, key)}: must be even "
+                            "(H.264 4:2:0)")
     sim = cast(SimConfig, sections.get("sim", SimConfig()))
     if link.url and sim.self_grant_s:
         problems.append(f"{source}: [sim] self_grant_s = {sim.self_grant_s}: the simulated "

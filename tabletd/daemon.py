@@ -560,6 +560,8 @@ class Daemon:
         self._media_worker.submit(start)
 
     def _media_off(self) -> None:
+        if self.status_server is not None:
+            self.status_server.media.clear()
         if self.link is not None:
             self.link.uplink.clear()
             self.link.uplink.set_deadline(0)  # everything is "after the deadline" until on

@@ -519,7 +519,7 @@ class SessionMachine:
         self._record("fault", detail=ev.detail)
 
     def _on_media_failed(self, ev: MediaFailed, now: int) -> None:
-        self._record("media_fault", session_id=self._session_id(), detail=ev.detail)
+        self._record("media_fault", session_id=self._session_id(), detail=ev.detail[:512])
         self._end(EndReason.CAMERA_FAULT, now)
 
     def _session_id(self) -> str | None:

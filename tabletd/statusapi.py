@@ -87,6 +87,12 @@ class MediaHub:
             else:
                 q.put_nowait(frame)
 
+    def clear(self) -> None:
+        """At the cut: frames still queued for a slow subscriber are dropped, not shown."""
+        for q in self._subscribers:
+            while not q.empty():
+                q.get_nowait()
+
     def subscribe(self) -> asyncio.Queue[bytes]:
         q: asyncio.Queue[bytes] = asyncio.Queue(MEDIA_QUEUE_FRAMES)
         self._subscribers.add(q)

@@ -36,7 +36,9 @@ The caller then asks its encoder for a keyframe and calls
 directly. Audio packets stand alone and never wait.
 
 The caller assigns ``seq`` (the encoder side, +1 per frame produced), so drops show up as
-gaps by themselves. ``capture_us`` must not go backwards within a stream.
+gaps by themselves. A frame whose ``capture_us`` is earlier than the previous one pushed on
+its stream is dropped too: the server takes its timestamps from ``capture_us`` (section 6.2)
+and the age bound relies on each stream's oldest frame being at its head.
 
 At the cut the caller calls :meth:`~UplinkQueue.clear`: everything queued is dropped.
 """
@@ -56,9 +58,10 @@ DEFAULT_MAX_AGE_US: Final = 2_000_000
 #: Why a frame was dropped: ``overflow`` to keep ``max_bytes``; ``stale`` older than
 #: ``max_age_us``; ``deadline`` captured at or after the deadline; ``no_keyframe`` a non-key
 #: video frame while awaiting a keyframe; ``oversize`` alone larger than ``max_bytes``;
-#: ``cleared`` by :meth:`UplinkQueue.clear`.
+#: ``out_of_order`` captured before the previous frame of its stream; ``cleared`` by
+#: :meth:`UplinkQueue.clear`.
 DropReason: TypeAlias = Literal[
-    "overflow", "stale", "deadline", "no_keyframe", "oversize", "cleared"]
+    "overflow", "stale", "deadline", "no_keyframe", "oversize", "out_of_order", "cleared"]
 
 # (push order, frame, wire size)
 _Entry: TypeAlias = tuple[int, MediaFrame, int]
@@ -88,6 +91,7 @@ class UplinkStats:
     dropped_deadline: int
     dropped_no_keyframe: int
     dropped_oversize: int
+    dropped_out_of_order: int
     dropped_cleared: int
     keyframe_requests: int
 
@@ -126,7 +130,7 @@ class UplinkQueue:
         self._keyframe_requests = 0
         self._dropped_by: dict[DropReason, int] = {
             "overflow": 0, "stale": 0, "deadline": 0, "no_keyframe": 0, "oversize": 0,
-            "cleared": 0}
+            "out_of_order": 0, "cleared": 0}
 
     # ---- the caller's verbs -----------------------------------------------------------
 
@@ -134,25 +138,26 @@ class UplinkQueue:
         """Queue ``frame``, produced by an encoder, at boot-clock time ``now_us``.
 
         First drops what the bounds require (see the module docstring), possibly ``frame``
-        itself. Afterwards check :attr:`want_keyframe`. Raises :class:`ValueError` if
-        ``frame.capture_us`` is earlier than that of the previous frame pushed on its stream
-        (since creation or :meth:`clear`): the caller's clock went backwards, a bug.
+        itself. Afterwards check :attr:`want_keyframe`. Never raises for a frame's content:
+        a frame captured before the previous frame pushed on its stream (since creation or
+        :meth:`clear`) is dropped as ``out_of_order``.
         """
+        self._pushed += 1
+        # Age out first, whatever becomes of this frame: every push enforces the bound.
+        self._expire(now_us)
         stream = frame.stream
         capture_us = frame.capture_us
-        last_us = self._last_capture_us.get(stream)
-        if last_us is not None and capture_us < last_us:
-            raise ValueError(
-                f"{stream.name.lower()} capture_us went backwards: {capture_us} after {last_us}")
-        self._last_capture_us[stream] = capture_us
-        self._pushed += 1
         size = frame.wire_size
         video = stream == Stream.VIDEO
+        last_us = self._last_capture_us.get(stream)
+        if last_us is not None and capture_us < last_us:
+            self._drop_new(frame, size, "out_of_order")
+            return
+        self._last_capture_us[stream] = capture_us
         # A frame captured at or after the deadline is never sent (BRIEF invariant 7).
         if self._deadline_us is not None and capture_us >= self._deadline_us:
             self._drop_new(frame, size, "deadline")
             return
-        self._expire(now_us)
         if now_us - capture_us > self._max_age_us:
             self._drop_new(frame, size, "stale")
             return
@@ -283,7 +288,8 @@ class UplinkQueue:
             dropped_audio=self._dropped_audio, dropped_overflow=by["overflow"],
             dropped_stale=by["stale"], dropped_deadline=by["deadline"],
             dropped_no_keyframe=by["no_keyframe"], dropped_oversize=by["oversize"],
-            dropped_cleared=by["cleared"], keyframe_requests=self._keyframe_requests)
+            dropped_out_of_order=by["out_of_order"], dropped_cleared=by["cleared"],
+            keyframe_requests=self._keyframe_requests)
 
     def __len__(self) -> int:
         """The number of frames queued."""
