@@ -119,6 +119,15 @@ class MediaConfig:
 
 
 @dataclass(frozen=True)
+class McuConfig:
+    """The power/dock microcontroller on a UART (``docs/mcu-protocol.md``). An empty
+    ``port`` means none (development machines)."""
+
+    port: str = ""
+    lease_ms: int = field(default=1000, metadata=_bounds(100, 2000))
+
+
+@dataclass(frozen=True)
 class StatusApiConfig:
     """The local, read-only status API. Loopback addresses only."""
 
@@ -165,6 +174,7 @@ class Config:
     watchdog: WatchdogConfig = WatchdogConfig()
     link: LinkConfig = LinkConfig()
     media: MediaConfig = MediaConfig()
+    mcu: McuConfig = McuConfig()
     status_api: StatusApiConfig = StatusApiConfig()
     logging: LoggingConfig = LoggingConfig()
     paths: PathsConfig = PathsConfig()
@@ -289,6 +299,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "watchdog": WatchdogConfig,
     "link": LinkConfig,
     "media": MediaConfig,
+    "mcu": McuConfig,
     "status_api": StatusApiConfig,
     "logging": LoggingConfig,
     "paths": PathsConfig,

@@ -43,12 +43,17 @@ from tabletd.link.grants import (
     NonceStoreError,
     load_public_key,
 )
+from tabletd.mcu.client import McuClient
+from tabletd.mcu.codec import Event as McuEvent
+from tabletd.mcu.codec import EventKind as McuEventKind
+from tabletd.mcu.codec import Status as McuStatus
 from tabletd.media.frames import MediaFrame, encode_frame
 from tabletd.media.uplink import UplinkQueue
 from tabletd.persistence import StateFile
 from tabletd.sdnotify import Notifier
 from tabletd.session import (
     Action,
+    DockChanged,
     EndByServer,
     GrantReceived,
     Input,
@@ -172,6 +177,8 @@ class Daemon:
         self._device_watchdog: DeviceWatchdog | None = None
         self._previous_sigusr1: Any = None
         self.link: LinkClient | None = None
+        self.mcu: McuClient | None = None
+        self._mcu_status: McuStatus | None = None
         self._verifier: GrantVerifier | None = None
         self._nonces: NonceStore | None = None
         self._mapping: ClockMapping | None = None
@@ -215,6 +222,8 @@ class Daemon:
                     tg.create_task(self._until_stopped(), name="stop")
                     if self.link is not None:
                         tg.create_task(self.link.run(), name="link")
+                    if self.mcu is not None:
+                        tg.create_task(self.mcu.run(), name="mcu")
             except* _Stopped:
                 pass
             return 0
@@ -250,6 +259,8 @@ class Daemon:
             self.link = LinkClient(cfg.link, self, self.store, self.clock,
                                    uplink=UplinkQueue(cfg.media.uplink_max_bytes))
             self._camera, self._microphone = open_media(cfg)
+        if cfg.mcu.port:
+            self.mcu = McuClient(cfg.mcu, self, self.clock)
         fault = await asyncio.to_thread(guard.wait_first_check, 2.0)
         self._restore()
         if fault is not None:
@@ -380,11 +391,15 @@ class Daemon:
             match action:
                 case RailOff(reason=reason, due_ns=due):
                     cut = self.guard.cut(reason, due)
+                    if self.mcu is not None:
+                        self.mcu.lease(None)
                     self._media_off()  # after the cut: teardown never delays it
                     if cut is not None:
                         self._record("rail_cut", {**_cut_fields(cut), **self._session_field()})
                 case RailOn(until_ns=until, cause=cause):
                     if self.guard.power(until, cause):
+                        if self.mcu is not None:
+                            self.mcu.lease(until)
                         self._media_on(until)
                     else:
                         log.warning("rail power refused by the guard (until %d)", until,
@@ -521,6 +536,27 @@ class Daemon:
     def on_protocol_error(self, exc: msgs.ProtocolError) -> None:
         self._record("protocol_error", {"code": exc.code, "detail": exc.detail[:512],
                                         "ref": exc.ref})
+
+    # ---- the MCU's host (tabletd.mcu.client.McuHost); all on the loop -----------------------
+
+    def mcu_link_changed(self, up: bool) -> None:
+        if self.hub is not None:
+            self.hub.changed()
+
+    def mcu_status(self, status: McuStatus) -> None:
+        before = self._mcu_status
+        self._mcu_status = status
+        if before is None or before.docked != status.docked or (
+                before.dock_bay != status.dock_bay):
+            self.submit(DockChanged(status.docked, _bay(status.dock_bay)))
+        if self.hub is not None:
+            self.hub.changed()
+
+    def mcu_event(self, event: McuEvent) -> None:
+        if event.kind in (McuEventKind.DOCKED, McuEventKind.UNDOCKED):
+            self.submit(DockChanged(event.kind is McuEventKind.DOCKED, _bay(event.bay)))
+        else:
+            self._record("mcu_event", {"kind": event.kind.name.lower()})
 
     def media_allowed(self) -> bool:
         assert self.guard is not None
@@ -659,8 +695,19 @@ class Daemon:
             "tamper_open": m.tamper_open,
             "docked": m.docked,
             "outbox": self._outbox_status(),
+            "power": self._power_status(),
             "last_cut": None if last is None else _cut_fields(last),
         }
+
+    def _power_status(self) -> dict[str, Any] | None:
+        """The MCU's last STATUS; None without an MCU or before its first report."""
+        s = self._mcu_status
+        if self.mcu is None or s is None:
+            return None
+        return {"link": self.mcu.up, "battery_pct": s.battery_pct, "battery_mv": s.battery_mv,
+                "charging": s.charging.name.lower(), "charger_fault": s.charger_fault,
+                "temperature_c": s.temperature_dc / 10, "rail_measured": s.rail_measured,
+                "lease_remaining_ms": s.lease_remaining_ms}
 
     def _outbox_status(self) -> dict[str, Any]:
         """Undelivered events; ``calls_refused`` says why no call can be booked (invariant 6:
@@ -700,6 +747,10 @@ class Daemon:
 
 class _Stopped(Exception):
     """Raised inside the TaskGroup to end it on SIGTERM."""
+
+
+def _bay(bay: int) -> str | None:
+    return None if bay == 0 else str(bay)
 
 
 def _cut_fields(cut: CutRecord, prefix: str = "") -> dict[str, Any]:
