@@ -3,6 +3,7 @@ loopback, through a TCP fault proxy (docs/protocol.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -46,22 +47,28 @@ class Net:
         ))
 
 
-@pytest.fixture
-async def net(tmp_path: Path) -> AsyncIterator[Net]:
-    srv_dir = tmp_path / "srv"
+@contextlib.asynccontextmanager
+async def open_net(srv_dir: Path, **server: Any) -> AsyncIterator[Net]:
+    """A development CA with this device registered, the reference server, the proxy."""
     ca.init(srv_dir)
     ca.issue_device(srv_dir, DEVICE)
     with Store.open(srv_dir) as store:
         store.add_device(DEVICE, 0)
-    server = DevServer(srv_dir, tick_s=0.01)
-    await server.start()
-    proxy = FaultProxy("127.0.0.1", server.port)
+    dev = DevServer(srv_dir, tick_s=0.01, **server)
+    await dev.start()
+    proxy = FaultProxy("127.0.0.1", dev.port)
     await proxy.start()
     try:
-        yield Net(server, proxy, srv_dir)
+        yield Net(dev, proxy, srv_dir)
     finally:
         await proxy.close()
-        await server.stop()
+        await dev.stop()
+
+
+@pytest.fixture
+async def net(tmp_path: Path) -> AsyncIterator[Net]:
+    async with open_net(tmp_path / "srv") as n:
+        yield n
 
 
 def stored_kinds(state_dir: Path) -> list[str]:
@@ -177,17 +184,9 @@ def test_ws_without_insecure_dev_is_a_config_error() -> None:
 async def test_server_clock_skew_changes_nothing(tmp_path: Path, start_daemon,
                                                  skew_ms: int) -> None:
     """A server an hour off: the mapping absorbs it; the call lasts its granted length."""
-    srv_dir = tmp_path / "skewed"
-    ca.init(srv_dir)
-    ca.issue_device(srv_dir, DEVICE)
-    with Store.open(srv_dir) as store:
-        store.add_device(DEVICE, 0)
-    server = DevServer(srv_dir, tick_s=0.01, clock_offset_ms=skew_ms)
-    await server.start()
-    proxy = FaultProxy("127.0.0.1", server.port)
-    await proxy.start()
-    try:
-        run = await start_daemon(Net(server, proxy, srv_dir).config())
+    async with open_net(tmp_path / "skewed", clock_offset_ms=skew_ms) as skewed:
+        server = skewed.server
+        run = await start_daemon(skewed.config())
         d = run.daemon
         await wait_for(lambda: d.machine.link_up, within=10)
         server.book(DEVICE, in_s=0.1, duration_s=2)
@@ -198,9 +197,6 @@ async def test_server_clock_skew_changes_nothing(tmp_path: Path, start_daemon,
         await wait_for(lambda: d.machine.state is State.ENDED, within=5)
         assert d.machine.snapshot.end_reason == "deadline"
         await run.stop()
-    finally:
-        await proxy.close()
-        await server.stop()
 
 
 async def test_full_outbox_refuses_grants_and_says_why(net: Net, start_daemon,

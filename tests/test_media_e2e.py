@@ -12,33 +12,17 @@ import av
 import pytest
 from websockets.asyncio.client import connect
 
-from tabletd.devserver import ca
-from tabletd.devserver.proxy import FaultProxy
-from tabletd.devserver.server import DevServer
-from tabletd.devserver.store import Store
 from tabletd.media.frames import Stream, decode_frame
 from tabletd.session import State
 
 from .conftest import wait_for
-from .test_link import DEVICE, Net
+from .test_link import DEVICE, Net, open_net
 
 
 @pytest.fixture
 async def media_net(tmp_path: Path) -> AsyncIterator[Net]:
-    srv_dir = tmp_path / "srv"
-    ca.init(srv_dir)
-    ca.issue_device(srv_dir, DEVICE)
-    with Store.open(srv_dir) as store:
-        store.add_device(DEVICE, 0)
-    server = DevServer(srv_dir, tick_s=0.01, downlink=True)
-    await server.start()
-    proxy = FaultProxy("127.0.0.1", server.port)
-    await proxy.start()
-    try:
-        yield Net(server, proxy, srv_dir)
-    finally:
-        await proxy.close()
-        await server.stop()
+    async with open_net(tmp_path / "srv", downlink=True) as net:
+        yield net
 
 
 def decoded_video_frames(path: Path) -> int:

@@ -369,6 +369,14 @@ class SupervisedSource:
 # H.264 helpers
 
 
+def _check_video(width: int, height: int, fps: int) -> None:
+    """Raises ValueError for a picture H.264 4:2:0 cannot carry or a rate out of range."""
+    if width <= 0 or height <= 0 or width % 2 or height % 2:
+        raise ValueError(f"camera size must be positive and even, not {width}x{height}")
+    if not 1 <= fps <= 120:
+        raise ValueError(f"camera fps must be 1..120, not {fps}")
+
+
 def h264_nal_types(payload: bytes) -> list[int]:
     """NAL unit types of an Annex B access unit, up to and including the first slice."""
     types: list[int] = []
@@ -515,10 +523,7 @@ class SimCamera(SupervisedSource):
         restart_delay_s: float = 0.2,
         clock: Clock | None = None,
     ) -> None:
-        if width <= 0 or height <= 0 or width % 2 or height % 2:
-            raise ValueError(f"camera size must be positive and even, not {width}x{height}")
-        if not 1 <= fps <= 120:
-            raise ValueError(f"camera fps must be 1..120, not {fps}")
+        _check_video(width, height, fps)
         if bitrate <= 0:
             raise ValueError(f"camera bitrate must be positive, not {bitrate}")
         super().__init__(
@@ -720,10 +725,7 @@ class Picamera2Camera(SupervisedSource):
         max_clock_skew_s: float = 5.0,
         clock: Clock | None = None,
     ) -> None:
-        if width <= 0 or height <= 0 or width % 2 or height % 2:
-            raise ValueError(f"camera size must be positive and even, not {width}x{height}")
-        if not 1 <= fps <= 120:
-            raise ValueError(f"camera fps must be 1..120, not {fps}")
+        _check_video(width, height, fps)
         super().__init__(
             Stream.VIDEO, "picamera2", frame_timeout_s=frame_timeout_s,
             first_frame_timeout_s=first_frame_timeout_s, call_timeout_s=call_timeout_s,
