@@ -4,11 +4,16 @@
 that carries the same object on every change (and every second while a call is live, for
 ``remaining_ms``). Nothing received on it is acted upon: no request here can start or extend
 a call. The object's schema is in ``docs/status-api.md``.
+
+``GET /`` and ``GET /ui/...`` serve the tablet's screen (:mod:`tabletd.ui`, ``docs/ui.md``):
+static files from the package, under a Content-Security-Policy that allows nothing but this
+origin, so the page can load no external resource.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable
 from http import HTTPStatus
@@ -16,11 +21,18 @@ from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+
+from tabletd import ui
 
 STATUS_PATH = "/v1/status"
 STREAM_PATH = "/v1/status/stream"
 MEDIA_PATH = "/v1/media/stream"
+UI_PREFIX = "/ui/"
+# The page may talk to its own origin only (websockets included: CSP 3 'self' matches ws:).
+UI_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+          "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 MEDIA_QUEUE_FRAMES = 64  # per subscriber; a slow one loses frames, never slows the others
 
 
@@ -67,6 +79,18 @@ def _json_response(status: HTTPStatus, body: Any) -> Response:
         ("Connection", "close"),
     ])
     return Response(status.value, status.phrase, headers, data)
+
+
+def _asset_response(asset: ui.Asset) -> Response:
+    headers = Headers([
+        ("Content-Type", asset.content_type),
+        ("Content-Length", str(len(asset.body))),
+        ("Cache-Control", "no-store"),
+        ("Content-Security-Policy", UI_CSP),
+        ("X-Content-Type-Options", "nosniff"),
+        ("Connection", "close"),
+    ])
+    return Response(HTTPStatus.OK.value, HTTPStatus.OK.phrase, headers, asset.body)
 
 
 class MediaHub:
@@ -137,15 +161,32 @@ class StatusServer:
                 return _json_response(HTTPStatus.BAD_REQUEST,
                                       {"error": f"use {STREAM_PATH} for the push channel"})
             return _json_response(HTTPStatus.OK, self.hub.status())
+        if path == "/":
+            return _asset_response(ui.index())
+        asset = ui.asset(path[len(UI_PREFIX):]) if path.startswith(UI_PREFIX) else None
+        if asset is not None:
+            return _asset_response(asset)
         return _json_response(HTTPStatus.NOT_FOUND,
                               {"error": f"no such path {path!r}",
                                "paths": [STATUS_PATH, STREAM_PATH, MEDIA_PATH]})
 
     async def _connection(self, ws: ServerConnection) -> None:
+        """Serve one websocket until it closes. Its work waits on the hub or the media queue,
+        not on the socket, so it is raced against the close: a client that goes, or the
+        server closing at the daemon's stop, ends the handler at once (``Server.wait_closed``
+        waits for every handler)."""
         if ws.request is not None and ws.request.path.split("?", 1)[0] == MEDIA_PATH:
-            await self._media(ws)
+            work = asyncio.create_task(self._media(ws))
         else:
-            await self._stream(ws)
+            work = asyncio.create_task(self._stream(ws))
+        closed = asyncio.create_task(ws.wait_closed())
+        try:
+            await asyncio.wait({work, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            work.cancel()
+            closed.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                await work
 
     async def _media(self, ws: ServerConnection) -> None:
         """Binary frames in the format of ``docs/protocol.md`` section 6.1, as received."""
