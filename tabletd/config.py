@@ -127,6 +127,37 @@ class McuConfig:
     lease_ms: int = field(default=1000, metadata=_bounds(100, 2000))
 
 
+PowerOffAction = Literal["systemd", "exit"]
+
+
+@dataclass(frozen=True)
+class PowerConfig:
+    """Battery policy (``tabletd/power.py``): thresholds in percent of charge.
+
+    ``poweroff`` is what the orderly shutdown at critical battery ends with: "systemd" asks
+    systemd to power the tablet off (``systemctl poweroff``, allowed to the daemon's user by
+    a polkit rule); "exit" only stops the daemon (simulated hardware, development)."""
+
+    low_battery_pct: int = field(default=15, metadata=_bounds(1, 50))
+    critical_battery_pct: int = field(default=5, metadata=_bounds(1, 30))
+    hysteresis_pct: int = field(default=3, metadata=_bounds(1, 20))
+    critical_hold_s: float = field(default=3.0, metadata=_bounds(0, 60))
+    telemetry_interval_s: float = field(default=300.0, metadata=_bounds(1, 86400))
+    shutdown_flush_s: float = field(default=5.0, metadata=_bounds(0, 60))
+    power_cut_delay_s: int = field(default=60, metadata=_bounds(10, 600))
+    poweroff: PowerOffAction = "systemd"
+
+
+UiLanguage = Literal["fr", "en"]
+
+
+@dataclass(frozen=True)
+class UiConfig:
+    """The tablet's screen (``docs/ui.md``): the language its texts are shown in."""
+
+    language: UiLanguage = "fr"
+
+
 @dataclass(frozen=True)
 class StatusApiConfig:
     """The local, read-only status API. Loopback addresses only."""
@@ -145,6 +176,9 @@ class PathsConfig:
     """Where state lives; ``--state-dir`` and systemd's $STATE_DIRECTORY take precedence."""
 
     state_dir: str = "/var/lib/tabletd"
+    # The provisioned identity (``tabletd provision``): merged over this file when it exists;
+    # it may set only OVERLAY_KEYS. "" = none. Absent file = not provisioned.
+    overlay: str = ""
 
 
 @dataclass(frozen=True)
@@ -152,13 +186,16 @@ class SimConfig:
     """Simulated hardware only (``hardware.backend = "sim"``).
 
     ``self_grant_s`` > 0 makes the simulated world hand the daemon one call of that length,
-    once per boot, standing in for the central server until the link exists.
+    once per boot, standing in for the central server until the link exists. ``mcu`` = true
+    makes the daemon start the simulated power/dock MCU (``python -m tabletd.mcu.sim``, a
+    child process on a pty, tied to the daemon's life) and talk to it as to the real one.
     """
 
     sense_fault: SenseFault = "none"
     privacy_engaged: bool = False
     tamper_open: bool = False
     self_grant_s: int = field(default=0, metadata=_bounds(0, 86400))
+    mcu: bool = False
 
 
 @dataclass(frozen=True)
@@ -175,7 +212,9 @@ class Config:
     link: LinkConfig = LinkConfig()
     media: MediaConfig = MediaConfig()
     mcu: McuConfig = McuConfig()
+    power: PowerConfig = PowerConfig()
     status_api: StatusApiConfig = StatusApiConfig()
+    ui: UiConfig = UiConfig()
     logging: LoggingConfig = LoggingConfig()
     paths: PathsConfig = PathsConfig()
     sim: SimConfig = SimConfig()
@@ -229,6 +268,8 @@ _TYPES: dict[str, Any] = {
     "Backend": Backend,
     "SenseFault": SenseFault,
     "LogLevel": LogLevel,
+    "UiLanguage": UiLanguage,
+    "PowerOffAction": PowerOffAction,
 }
 
 
@@ -265,7 +306,7 @@ def parse_config(text: str, source: str) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{source}: not valid TOML: {exc}"]) from exc
-    problems: list[str] = []
+    problems = _merge_overlay(raw, source)
     sections: dict[str, Any] = {}
     fields_ = {f.name: f for f in dataclasses.fields(Config) if not f.metadata.get("internal")}
     for name in raw:
@@ -289,6 +330,55 @@ def parse_config(text: str, source: str) -> Config:
     return Config(**sections, source=source)
 
 
+OVERLAY_KEYS: dict[str, frozenset[str]] = {
+    "device": frozenset({"id"}),
+    "link": frozenset({"url", "ca_file", "cert_file", "key_file", "grant_public_key"}),
+}
+"""What the provisioning overlay may set: the identity and the server, nothing else."""
+
+
+def _merge_overlay(raw: dict[str, Any], source: str) -> list[str]:
+    """Merge ``[paths] overlay`` (if set and present) into ``raw``; returns the problems.
+
+    The overlay is strict: only :data:`OVERLAY_KEYS`, string values, valid TOML; each problem
+    names the overlay file. Its values then go through the same checks as the main file's.
+    """
+    paths = raw.get("paths")
+    name = paths.get("overlay", "") if isinstance(paths, dict) else ""
+    if not isinstance(name, str) or not name:
+        return []  # a non-string is reported by the [paths] section's own check
+    if not name.startswith("/"):
+        return [f"{source}: [paths] overlay = {name!r}: must be an absolute path"]
+    try:
+        text = Path(name).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []  # not provisioned: the main file alone
+    except (OSError, UnicodeDecodeError) as exc:
+        return [f"{name}: cannot read the provisioning overlay: {exc}"]
+    try:
+        overlay = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        return [f"{name}: not valid TOML: {exc}"]
+    problems: list[str] = []
+    for section, table in overlay.items():
+        allowed = OVERLAY_KEYS.get(section)
+        if allowed is None or not isinstance(table, dict):
+            problems.append(f"{name}: [{section}]: not allowed in the provisioning overlay "
+                            f"(allowed: {', '.join(sorted(OVERLAY_KEYS))})")
+            continue
+        for key, value in table.items():
+            if key not in allowed:
+                problems.append(f"{name}: [{section}] {key}: not allowed in the provisioning "
+                                f"overlay (allowed: {', '.join(sorted(allowed))})")
+            elif not isinstance(value, str):
+                problems.append(f"{name}: [{section}] {key} = {value!r}: must be a string")
+            else:
+                target = raw.setdefault(section, {})
+                if isinstance(target, dict):
+                    target[key] = value
+    return problems
+
+
 _SECTIONS: dict[str, type[Any]] = {
     "device": DeviceConfig,
     "hardware": HardwareConfig,
@@ -300,7 +390,9 @@ _SECTIONS: dict[str, type[Any]] = {
     "link": LinkConfig,
     "media": MediaConfig,
     "mcu": McuConfig,
+    "power": PowerConfig,
     "status_api": StatusApiConfig,
+    "ui": UiConfig,
     "logging": LoggingConfig,
     "paths": PathsConfig,
     "sim": SimConfig,
@@ -327,7 +419,18 @@ def _cross_checks(sections: dict[str, Any], source: str) -> list[str]:
         if getattr(media, key) % 2:
             problems.append(f"{source}: [media] {key} = {getattr(media, key)}: must be even "
                             "(H.264 4:2:0)")
+    power = cast(PowerConfig, sections.get("power", PowerConfig()))
+    if power.critical_battery_pct >= power.low_battery_pct:
+        problems.append(f"{source}: [power] critical_battery_pct = "
+                        f"{power.critical_battery_pct}: must be below low_battery_pct "
+                        f"({power.low_battery_pct})")
     sim = cast(SimConfig, sections.get("sim", SimConfig()))
+    hardware = cast(HardwareConfig, sections.get("hardware", HardwareConfig()))
+    if sim.mcu and hardware.backend != "sim":
+        problems.append(f"{source}: [sim] mcu = true: only with [hardware] backend = \"sim\"")
+    if sim.mcu and cast(McuConfig, sections.get("mcu", McuConfig())).port:
+        problems.append(f"{source}: [sim] mcu = true: leave [mcu] port empty (the daemon "
+                        "uses the simulated MCU's pty)")
     if link.url and sim.self_grant_s:
         problems.append(f"{source}: [sim] self_grant_s = {sim.self_grant_s}: the simulated "
                         "board stands in for the server only when there is no [link] url")

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -47,12 +49,15 @@ from tabletd.mcu.client import McuClient
 from tabletd.mcu.codec import Event as McuEvent
 from tabletd.mcu.codec import EventKind as McuEventKind
 from tabletd.mcu.codec import Status as McuStatus
+from tabletd.mcu.pty import start_sim_mcu, stop_sim_mcu
 from tabletd.media.frames import MediaFrame, encode_frame
 from tabletd.media.uplink import UplinkQueue
 from tabletd.persistence import StateFile
+from tabletd.power import CriticalChanged, PowerMonitor, PowerRecord, Shutdown
 from tabletd.sdnotify import Notifier
 from tabletd.session import (
     Action,
+    BatteryChanged,
     DockChanged,
     EndByServer,
     GrantReceived,
@@ -78,6 +83,7 @@ from tabletd.session import (
     UnlockRequested,
 )
 from tabletd.statusapi import StatusHub, StatusServer
+from tabletd.ui import fault_code
 from tabletd.watchdog import CutRecord, DeviceWatchdog, RailGuard, SystemdWatchdog
 
 log = logging.getLogger(__name__)
@@ -85,6 +91,7 @@ log = logging.getLogger(__name__)
 # A GIL-holding busy loop gives the enforcement thread the interpreter after at most this
 # long (CPython's default is 5 ms, the whole p99 budget of invariant 3).
 SWITCH_INTERVAL_S = 0.0005
+FLUSH_POLL_S = 0.05  # the orderly power-off checks this often whether the outbox is empty
 
 LOCK_NAME = "tabletd.lock"
 
@@ -179,6 +186,10 @@ class Daemon:
         self.link: LinkClient | None = None
         self.mcu: McuClient | None = None
         self._mcu_status: McuStatus | None = None
+        self._sim_mcu: subprocess.Popen[bytes] | None = None
+        self.power = PowerMonitor(cfg.power)
+        self._power_off: asyncio.Task[None] | None = None
+        self.power_off_reason: str | None = None
         self._verifier: GrantVerifier | None = None
         self._nonces: NonceStore | None = None
         self._mapping: ClockMapping | None = None
@@ -259,7 +270,11 @@ class Daemon:
             self.link = LinkClient(cfg.link, self, self.store, self.clock,
                                    uplink=UplinkQueue(cfg.media.uplink_max_bytes))
             self._camera, self._microphone = open_media(cfg)
-        if cfg.mcu.port:
+        if cfg.hardware.backend == "sim" and cfg.sim.mcu:
+            self._sim_mcu, port = await asyncio.to_thread(
+                start_sim_mcu, self.paths.state_dir, tied=True)
+            self.mcu = McuClient(dataclasses.replace(cfg.mcu, port=port), self, self.clock)
+        elif cfg.mcu.port:
             self.mcu = McuClient(cfg.mcu, self, self.clock)
         fault = await asyncio.to_thread(guard.wait_first_check, 2.0)
         self._restore()
@@ -325,6 +340,8 @@ class Daemon:
         self._media_worker.shutdown(wait=True, cancel_futures=False)
         if self.hardware is not None:
             self.hardware.close()
+        if self._sim_mcu is not None:
+            stop_sim_mcu(self._sim_mcu)
         if self.store is not None:
             self.store.close()
         log.info("stopped; camera rail off", extra={"EVENT": "stopped"})
@@ -348,12 +365,15 @@ class Daemon:
                         inp = await self._queue.get()
                 except TimeoutError:
                     inp = Tick()
-            try:
-                self._handle(inp)
-            except Exception:
-                # Invariant 4: on any unexpected error, the rail is cut first.
-                self._emergency_cut("internal_error", f"internal error handling {inp!r}")
-                raise
+            self._handle_guarded(inp)
+
+    def _handle_guarded(self, inp: Input) -> None:
+        try:
+            self._handle(inp)
+        except Exception:
+            # Invariant 4: on any unexpected error, the rail is cut first.
+            self._emergency_cut("internal_error", f"internal error handling {inp!r}")
+            raise
 
     async def _pet_watchdogs(self) -> None:
         """Layers (c) and (d): petted from the loop, so a blocked loop stops petting.
@@ -540,6 +560,7 @@ class Daemon:
     # ---- the MCU's host (tabletd.mcu.client.McuHost); all on the loop -----------------------
 
     def mcu_link_changed(self, up: bool) -> None:
+        self._record("mcu_link_up" if up else "mcu_link_down", {"port": self.cfg.mcu.port})
         if self.hub is not None:
             self.hub.changed()
 
@@ -548,15 +569,59 @@ class Daemon:
         self._mcu_status = status
         if before is None or before.docked != status.docked or (
                 before.dock_bay != status.dock_bay):
-            self.submit(DockChanged(status.docked, _bay(status.dock_bay)))
+            self.submit(DockChanged(status.docked, _bay(status.dock_bay), status.battery_pct))
+        for action in self.power.update(status, self.clock.boot_ns()):
+            if isinstance(action, PowerRecord):
+                self._record(action.kind, action.fields)
+            elif isinstance(action, CriticalChanged):
+                # at once, not queued: the call ends before the power-off below starts
+                self._handle_guarded(BatteryChanged(action.critical, action.pct))
+            elif isinstance(action, Shutdown) and self._power_off is None:
+                self._power_off = asyncio.create_task(self._orderly_power_off(action.pct),
+                                                      name="power-off")
         if self.hub is not None:
             self.hub.changed()
 
     def mcu_event(self, event: McuEvent) -> None:
         if event.kind in (McuEventKind.DOCKED, McuEventKind.UNDOCKED):
-            self.submit(DockChanged(event.kind is McuEventKind.DOCKED, _bay(event.bay)))
+            pct = None if self._mcu_status is None else self._mcu_status.battery_pct
+            self.submit(DockChanged(event.kind is McuEventKind.DOCKED, _bay(event.bay), pct))
         else:
             self._record("mcu_event", {"kind": event.kind.name.lower()})
+
+    async def _orderly_power_off(self, pct: int) -> None:
+        """Critical battery: the call is already over (the machine heard BatteryChanged);
+        give the outbox a moment to reach the server, have the MCU cut the power after a
+        delay long enough for Linux to stop cleanly, then ask for the power-off (protects the
+        storage: a brown-out mid-write is what this avoids)."""
+        cfg = self.cfg.power
+        assert self.store is not None
+        self.power_off_reason = "low_battery"
+        log.critical("battery critical (%d %%): powering off", pct,
+                     extra={"EVENT": "power_off"})
+        self._record("power_off", {"reason": "low_battery", "pct": pct,
+                                   "power_cut_delay_s": cfg.power_cut_delay_s})
+        if self.hub is not None:
+            self.hub.changed()
+        for _ in range(int(cfg.shutdown_flush_s / FLUSH_POLL_S)):
+            if not (self.store.count() and self.link is not None and self.link.connected):
+                break
+            await asyncio.sleep(FLUSH_POLL_S)
+        if self.mcu is not None:
+            self.mcu.power_off(cfg.power_cut_delay_s)
+        if cfg.poweroff == "exit":
+            log.warning("power off: [power] poweroff = \"exit\": stopping the daemon only")
+            self.request_stop()
+            return
+        proc = await asyncio.create_subprocess_exec(
+            "systemctl", "poweroff", stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        _, err = await proc.communicate()
+        if proc.returncode:
+            detail = err.decode("utf-8", "replace").strip()[:512]
+            log.error("systemctl poweroff failed (%s): the MCU cuts the power in %d s",
+                      detail, cfg.power_cut_delay_s, extra={"EVENT": "power_off_failed"})
+            self._record("power_off_failed", {"detail": detail})
 
     def media_allowed(self) -> bool:
         assert self.guard is not None
@@ -678,8 +743,11 @@ class Daemon:
                 "not_before_boot_ns": snap.grant.not_before_ns,
                 "not_after_boot_ns": snap.grant.not_after_ns,
                 "end_reason": None if snap.end_reason is None else str(snap.end_reason),
+                "starts_in_ms": (max(0, snap.grant.not_before_ns - now) // NS_PER_MS
+                                 if snap.state is State.SCHEDULED else None),
             }
         last = self.guard.last_cut
+        mapping = self._mapping
         return {
             "version": 1,
             "device_id": self.cfg.device.id,
@@ -691,12 +759,15 @@ class Daemon:
             "locked": snap.state in (State.LOCKED, State.FAULT),
             "locked_reason": snap.locked_reason,
             "fault": snap.fault_detail,
+            "fault_code": fault_code(snap.fault_detail),
             "privacy": m.privacy,
             "tamper_open": m.tamper_open,
             "docked": m.docked,
             "outbox": self._outbox_status(),
             "power": self._power_status(),
             "last_cut": None if last is None else _cut_fields(last),
+            "server_time_ms": None if mapping is None else mapping.server_now_ms_earliest(now),
+            "ui": {"language": self.cfg.ui.language},
         }
 
     def _power_status(self) -> dict[str, Any] | None:
@@ -707,7 +778,9 @@ class Daemon:
         return {"link": self.mcu.up, "battery_pct": s.battery_pct, "battery_mv": s.battery_mv,
                 "charging": s.charging.name.lower(), "charger_fault": s.charger_fault,
                 "temperature_c": s.temperature_dc / 10, "rail_measured": s.rail_measured,
-                "lease_remaining_ms": s.lease_remaining_ms}
+                "lease_remaining_ms": s.lease_remaining_ms, "dock_bay": _bay(s.dock_bay),
+                "battery_low": self.power.low, "battery_critical": self.power.critical,
+                "power_off": self.power_off_reason}
 
     def _outbox_status(self) -> dict[str, Any]:
         """Undelivered events; ``calls_refused`` says why no call can be booked (invariant 6:

@@ -29,6 +29,7 @@ from tabletd.devserver.proxy import FaultProxy
 from tabletd.devserver.server import DevServer
 from tabletd.devserver.store import Store
 from tabletd.logs import setup_logging
+from tabletd.mcu.sim import send_control
 from tabletd.session import Action, RailOff, RailOn, Record, State
 
 VIEW_PERIOD_S = 1.0
@@ -127,6 +128,13 @@ class _Demo:
                          self.call_s + 30)
             await _until(lambda: daemon.machine.link_up and daemon.store is not None
                          and daemon.store.count() == 0, 30)
+            if daemon.mcu is not None:
+                self.say(">>> a guard docks the tablet in bay 2 (the simulated MCU reports it)")
+                await asyncio.to_thread(send_control, daemon.paths.state_dir, {"dock": 2})
+                await _until(lambda: any(e.kind == "docked" for e in server.events(device)), 15)
+                docked = next(e for e in server.events(device) if e.kind == "docked")
+                self.say(f"custody event at the server: docked in bay {docked.fields['bay']}, "
+                         f"battery {docked.fields['battery_pct']} %")
         finally:
             view.cancel()
         return self._summary(daemon, server, device, session)
@@ -141,7 +149,10 @@ class _Demo:
             assert link is not None and daemon.store is not None
             up = "up  " if st["link"]["connected"] else "DOWN"
             rail = "ON " if st["rail"] == "on" else "off"
-            self.say(f"[{st['state']:<9}] {left} left | link {up} | rail {rail} | outbox "
+            power = st["power"]
+            battery = "--" if power is None else f"{power['battery_pct']:>2}"
+            self.say(f"[{st['state']:<9}] {left} left | link {up} | rail {rail} | bat "
+                     f"{battery}% | outbox "
                      f"{daemon.store.count():>2} | sent {link.events_sent:>2} acked "
                      f"{link.events_acked:>2} | server has "
                      f"{len(server.events(daemon.cfg.device.id)):>2}")

@@ -98,7 +98,8 @@ TELEMETRY_KINDS: frozenset[str] = frozenset({
     # a hostile server flooding garbage must not fill the outbox and so block calls
     "protocol_error",
     "link_up", "link_down",  # the central link's state
-    "battery", "charger",  # power readings from the dock MCU
+    "battery",  # power readings from the dock MCU
+    "mcu_link_up", "mcu_link_down",  # the UART link to the MCU (a loose one may flap)
 })
 """The only kinds that may be evicted or dropped when the outbox is full."""
 

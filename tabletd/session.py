@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 The machine is fed *inputs* (a verified grant, the server's start and end, the privacy and
-tamper switches, the dock, the link, a lock, a rail fault, and plain ticks), each with
+tamper switches, the dock, the battery, the link, a lock, a rail fault, and plain ticks), each with
 ``now``: nanoseconds on CLOCK_BOOTTIME, read by the caller. It returns *actions* for the I/O
 shell to carry out, in order, and :meth:`SessionMachine.next_deadline` tells the caller when
 to tick it next. It reads no clock, does no I/O and never blocks, so every property can be
@@ -13,9 +13,10 @@ The camera rail is not a state of its own: after every input the machine recompu
 when the rail may be powered* (:meth:`SessionMachine.rail_until`), from first principles, and
 emits ``RailOn(until)`` / ``RailOff`` only when that answer changes. The rail may be powered
 only while the session is LIVE, before its deadline, with privacy not engaged, the case
-closed, not docked (unless policy allows it) and the link up or inside its grace after a
-loss (BRIEF invariant 1). ``RailOn`` always carries ``until``: the enforcement thread cuts at
-that instant by itself, whatever happens to the caller (invariant 3).
+closed, not docked (unless policy allows it), the battery not critical, and the link up or
+inside its grace after a loss (BRIEF invariant 1). ``RailOn`` always carries ``until``: the
+enforcement thread cuts at that instant by itself, whatever happens to the caller
+(invariant 3).
 
 The deadline is fixed once, at start: ``min(start + granted duration, grant's hard end)``
 (invariant 2). Nothing moves it afterwards; a link loss can only cut earlier.
@@ -35,7 +36,7 @@ ignored and change nothing)::
     LIVE        GrantReceived       (as SCHEDULED)                 (same)     (as SCHEDULED)
     SCHEDULED   StartCall           id matches, inside window,     LIVE       call_started
                                     link up, no privacy, not       (else      (else
-                                    docked                          same)      call_start_refused)
+                                    docked, battery not critical    same)      call_start_refused)
     SCHEDULED   Tick                now >= grant.not_after         ENDED      call_ended(expired)
     SCHEDULED   EndByServer         id matches                     ENDED      call_ended(server_end)
     LIVE        Tick                now >= deadline                ENDED      call_ended(deadline)
@@ -45,6 +46,9 @@ ignored and change nothing)::
     *           PrivacyChanged      changed (LIVE: engaged ends)   (ENDED)    privacy_* (+ end)
     *           DockChanged         changed (LIVE: docked ends,    (ENDED)    docked/undocked
                                     unless policy allows)                     (+ end)
+    *           BatteryChanged      changed (LIVE or SCHEDULED:    (ENDED)    battery_critical/
+                                    critical ends the call)                   battery_recovered
+                                                                              (+ end)
     *           LinkChanged         changed (LIVE: loss starts     (same)     LIVE: call_link_*
                                     the grace, return resumes)
     *           TamperChanged       opened (not in FAULT)          LOCKED     tamper_opened (+ end)
@@ -87,6 +91,7 @@ class EndReason(StrEnum):
     EXPIRED = "expired"
     REBOOT = "reboot"
     CAMERA_FAULT = "camera_fault"
+    LOW_BATTERY = "low_battery"
 
 
 class Screen(StrEnum):
@@ -163,8 +168,19 @@ class TamperChanged:
 
 @dataclass(frozen=True)
 class DockChanged:
+    """Docked in ``bay`` (or undocked); ``battery_pct`` goes into the custody record."""
+
     docked: bool
     bay: str | None = None
+    battery_pct: int | None = None
+
+
+@dataclass(frozen=True)
+class BatteryChanged:
+    """The battery crossed its critical level (down: ``critical``), or recovered from it."""
+
+    critical: bool
+    pct: int | None = None
 
 
 @dataclass(frozen=True)
@@ -201,7 +217,8 @@ class Tick:
 
 Input: TypeAlias = (
     GrantReceived | StartCall | EndByServer | PrivacyChanged | TamperChanged | DockChanged
-    | LinkChanged | LockRequested | UnlockRequested | RailFaultDetected | MediaFailed | Tick
+    | BatteryChanged | LinkChanged | LockRequested | UnlockRequested | RailFaultDetected
+    | MediaFailed | Tick
 )
 
 # ---- actions --------------------------------------------------------------------------
@@ -289,6 +306,7 @@ class SessionMachine:
         self.tamper_open = False
         self.docked = False
         self.dock_bay: str | None = None
+        self.battery_critical = False
         self.link_up = False
         # When the link went down during LIVE; None with the link down means "no grace":
         # a call restored after a daemon restart waits for the link with the rail off.
@@ -319,7 +337,8 @@ class SessionMachine:
         s = self._snap
         if s.state is not State.LIVE or s.deadline_ns is None:
             return None
-        if self.privacy or self.tamper_open or (self.docked and not self.policy.calls_while_docked):
+        if self.privacy or self.tamper_open or self.battery_critical or (
+                self.docked and not self.policy.calls_while_docked):
             return None
         until = s.deadline_ns
         if not self.link_up:
@@ -436,6 +455,8 @@ class SessionMachine:
             problem = "privacy_engaged"
         elif self.docked and not self.policy.calls_while_docked:
             problem = "docked"
+        elif self.battery_critical:
+            problem = "low_battery"
         if problem is not None:
             self._record("call_start_refused", session_id=ev.session_id, reason=problem)
             return
@@ -475,12 +496,23 @@ class SessionMachine:
             self._lock("tamper", EndReason.TAMPER, now)
 
     def _on_dock(self, ev: DockChanged, now: int) -> None:
-        if ev.docked == self.docked and ev.bay == self.dock_bay:
+        if ev.docked == self.docked and (not ev.docked or ev.bay == self.dock_bay):
             return
-        self.docked, self.dock_bay = ev.docked, ev.bay
-        self._record("docked" if ev.docked else "undocked", bay=ev.bay)
+        # Custody: "undocked" names the bay the tablet left.
+        bay = ev.bay if ev.docked else (ev.bay or self.dock_bay)
+        self.docked, self.dock_bay = ev.docked, ev.bay if ev.docked else None
+        self._record("docked" if ev.docked else "undocked", bay=bay,
+                     battery_pct=ev.battery_pct)
         if ev.docked and not self.policy.calls_while_docked and self.state is State.LIVE:
             self._end(EndReason.DOCKED, now)
+
+    def _on_battery(self, ev: BatteryChanged, now: int) -> None:
+        if ev.critical == self.battery_critical:
+            return
+        self.battery_critical = ev.critical
+        self._record("battery_critical" if ev.critical else "battery_recovered", pct=ev.pct)
+        if ev.critical and self.state in (State.LIVE, State.SCHEDULED):
+            self._end(EndReason.LOW_BATTERY, now)
 
     def _on_link(self, ev: LinkChanged, now: int) -> None:
         if ev.up == self.link_up:
@@ -643,6 +675,7 @@ _ANY_STATE: dict[type[Any], _Handler] = {
     PrivacyChanged: SessionMachine._on_privacy,
     TamperChanged: SessionMachine._on_tamper,
     DockChanged: SessionMachine._on_dock,
+    BatteryChanged: SessionMachine._on_battery,
     LinkChanged: SessionMachine._on_link,
     LockRequested: SessionMachine._on_lock,
     RailFaultDetected: SessionMachine._on_fault,

@@ -35,7 +35,9 @@ class FakeClock:
 def sim_config(**sections: dict[str, Any]) -> Config:
     """config/sim.toml with some sections' fields replaced, status API on a free port."""
     cfg = load_config(SIM_CONFIG)
-    cfg = dataclasses.replace(cfg, status_api=dataclasses.replace(cfg.status_api, port=0))
+    # No simulated MCU process unless a test asks for one: most tests drive the daemon alone.
+    cfg = dataclasses.replace(cfg, status_api=dataclasses.replace(cfg.status_api, port=0),
+                              sim=dataclasses.replace(cfg.sim, mcu=False))
     for name, fields in sections.items():
         cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **fields)})
     return cfg

@@ -18,3 +18,6 @@ def test_demo_runs_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
     assert ">>> network CUT" in out and "event call_link_lost" in out
     assert "OK: the call ended at its deadline through a network cut" in out
     assert "0 pending" in out
+    # the simulated MCU (config/sim.toml) reports the battery, and docking reaches the server
+    assert "| bat 80% |" in out
+    assert "custody event at the server: docked in bay 2, battery 80 %" in out

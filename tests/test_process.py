@@ -35,7 +35,7 @@ def free_port() -> int:
 def config(tmp_path: Path) -> Path:
     text = (REPO / "config" / "sim.toml").read_text()
     text = text.replace("port = 8470", f"port = {free_port()}")
-    text += "\n[sim]\nself_grant_s = 30\n"
+    text = text.replace("mcu = true", "mcu = true\nself_grant_s = 30")
     p = tmp_path / "sim.toml"
     p.write_text(text)
     return p

@@ -11,6 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from tabletd.session import (
     Action,
+    BatteryChanged,
     DockChanged,
     EndByServer,
     EndReason,
@@ -223,6 +224,26 @@ class TestSwitches:
         actions = m.handle(DockChanged(True, "bay-3"), T0 + S)
         assert m.state is State.LIVE and not any(isinstance(a, RailOff) for a in actions)
 
+    def test_critical_battery_ends_the_call_and_refuses_the_next(self) -> None:
+        m = machine()
+        start_call(m, grant())
+        actions = m.handle(BatteryChanged(True, 5), T0 + S)
+        assert actions[0] == RailOff("low_battery", None)
+        assert m.snapshot.end_reason is EndReason.LOW_BATTERY
+        assert kinds(actions) == ["battery_critical", "call_ended"]
+        m.handle(GrantReceived(grant("s2")), T0 + 2 * S)
+        assert kinds(m.handle(StartCall("s2"), T0 + 2 * S)) == ["call_start_refused"]
+        assert m.state is State.SCHEDULED
+        assert kinds(m.handle(BatteryChanged(False, 9), T0 + 3 * S)) == ["battery_recovered"]
+        assert kinds(m.handle(StartCall("s2"), T0 + 3 * S)) == ["call_started"]
+
+    def test_critical_battery_ends_a_scheduled_call(self) -> None:
+        m = machine()
+        m.handle(LinkChanged(True), T0)
+        m.handle(GrantReceived(grant()), T0)
+        m.handle(BatteryChanged(True, 4), T0 + S)
+        assert m.state is State.ENDED and m.snapshot.end_reason is EndReason.LOW_BATTERY
+
     def test_fault_is_sticky(self) -> None:
         m = machine()
         start_call(m, grant())
@@ -339,6 +360,10 @@ class RailModel(RuleBasedStateMachine):
     def dock(self, docked: bool) -> None:
         self.feed(DockChanged(docked, "bay-1" if docked else None))
 
+    @rule(critical=st.booleans())
+    def battery(self, critical: bool) -> None:
+        self.feed(BatteryChanged(critical, 4 if critical else 50))
+
     @rule(up=st.booleans())
     def link(self, up: bool) -> None:
         if self.m.link_up and not up:
@@ -399,6 +424,7 @@ class RailModel(RuleBasedStateMachine):
             assert self.link_lost_at is not None
             assert self.now < self.link_lost_at + self.grace_ns, "rail on past the link grace"
         assert not m.docked or m.policy.calls_while_docked
+        assert not m.battery_critical
         g = snap.grant
         assert g is not None and g.device_id == DEVICE
         assert snap.started_ns is not None

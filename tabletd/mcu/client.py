@@ -22,7 +22,7 @@ import serial
 from tabletd.clock import NS_PER_MS, NS_PER_S, Clock
 from tabletd.config import McuConfig
 from tabletd.link.backoff import Backoff
-from tabletd.mcu.codec import Cut, Event, Lease, Message, Status
+from tabletd.mcu.codec import Cut, Event, Lease, Message, PowerOff, Status
 from tabletd.mcu.link import McuLink, McuLinkDownError
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,16 @@ class McuClient:
         self._next_renew = 0
         if until_ns is None and link is not None and link.handshake_done:
             link.send(Cut(), self.clock.boot_ns())
+        self._wake.set()
+
+    def power_off(self, delay_s: int) -> None:
+        """Ask the MCU to cut the tablet's power in ``delay_s`` (the lease ends at once).
+        Sent only on a live link: without one the MCU's own brown-out protection holds."""
+        link = self._link
+        self._lease_until = None
+        if link is not None and link.handshake_done:
+            link.send(PowerOff(delay_s), self.clock.boot_ns())
+            log.warning("mcu: power off in %d s", delay_s, extra={"EVENT": "mcu_power_off"})
         self._wake.set()
 
     async def run(self) -> None:

@@ -84,23 +84,26 @@ def start_sim_mcu(
     extra_args: list[str] | None = None,
     ready_timeout_s: float = 10.0,
     stderr: int | IO[bytes] | None = None,
+    tied: bool = False,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start ``python -m tabletd.mcu.sim`` and wait until it is ready.
 
     Returns the process and the device path to open with pyserial (a symlink,
     ``<state_dir>/sim/mcu-tty``, to the pty slave). Its log goes to ``stderr`` (inherited if
     ``None``); stdout carries only the ready line. ``extra_args`` go to its command line
-    (``--battery-pct``, ``--dock``, ``--drain-pct-per-min``, ...). Stop it with
-    :func:`stop_sim_mcu`.
+    (``--battery-pct``, ``--dock``, ``--drain-pct-per-min``, ...). ``tied``: its stdin is a
+    pipe from this process, and it exits as soon as this process is gone, however it dies
+    (SIGKILL included). Stop it with :func:`stop_sim_mcu`.
     """
     state = Path(state_dir)
     device = state / "sim" / "mcu-tty"
     args = [
         sys.executable, "-m", "tabletd.mcu.sim",
         "--port", str(device), "--state-dir", str(state), "--seed", str(seed),
-        *(extra_args or []),
+        *(extra_args or []), *(["--exit-with-stdin"] if tied else []),
     ]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, stderr=stderr)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr,
+                            stdin=subprocess.PIPE if tied else subprocess.DEVNULL)
     try:
         line = _read_line(proc, ready_timeout_s)
         if not line.startswith(READY_PREFIX):
@@ -122,8 +125,9 @@ def stop_sim_mcu(proc: subprocess.Popen[bytes], timeout_s: float = 5.0) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout_s)
-    if proc.stdout is not None:
-        proc.stdout.close()
+    for pipe in (proc.stdout, proc.stdin):
+        if pipe is not None:
+            pipe.close()
     return proc.returncode
 
 

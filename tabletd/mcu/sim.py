@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import itertools
 import json
 import logging
@@ -167,8 +168,17 @@ class SimMcu:
         charge_pct_per_min: float = 2.0,
         battery_pct: float = 80.0,
         dock_bay: int = 0,
+        baud: int = 0,
+        parent_fd: int | None = None,
     ) -> None:
         self.port = port
+        # A pipe from the process that started us (the daemon, with [sim] mcu = true): its
+        # end-of-file means that process is gone, however it died, and so must we.
+        self.parent_fd = parent_fd
+        # A pty passes bytes at memory speed; with a baud rate, each outgoing byte takes its
+        # 10 bit times (8N1) on the "wire", one after the other, as on the real UART.
+        self.baud = baud
+        self._wire_free_ns = 0
         self.dir = state_dir / "sim"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rng = random.Random(seed)  # noqa: S311 - simulation, not secrets
@@ -385,6 +395,9 @@ class SimMcu:
         release = now + self.faults.delay_ns
         if self.out_queue:
             release = max(release, self.out_queue[-1][0])
+        if self.baud:
+            release = max(release, self._wire_free_ns) + len(data) * 10 * S // self.baud
+            self._wire_free_ns = release
         self.out_queue.append((release, data))
         self._flush_out(now)
 
@@ -421,6 +434,8 @@ class SimMcu:
             "lid": "open" if self.lid_open else "closed", "lease": self.lease_until is not None,
             "lease_remaining_ms": st.lease_remaining_ms, "rail_measured": st.rail_measured,
             "powered": self.powered, "handshake_done": self.link.handshake_done,
+            "power_off_in_ms": None if self.power_off_at is None
+            else max(0, (self.power_off_at - boot_ns()) // MS),
             "plugged": self.pty is not None, "noise": self.faults.noise,
             "drop": self.faults.drop, "delay_ms": self.faults.delay_ns // MS,
             "port": str(self.port),
@@ -513,6 +528,17 @@ class SimMcu:
 
     # ---- the loop -------------------------------------------------------------------------
 
+    def _timers(self, now: int) -> None:
+        """Replug after an unplug, power off after POWER_OFF's delay."""
+        if self.unplugged_until is not None and now >= self.unplugged_until:
+            self.plug()
+            self._replace_link("replugged")
+        if self.power_off_at is not None and now >= self.power_off_at:
+            self.power_off_at = None
+            self.powered = False
+            os.pwrite(self.power_fd, b"off\n", 0)
+            log.info("tablet power off")
+
     def run(self) -> None:
         self.plug()
         signal.set_wakeup_fd(self.wake_w)
@@ -527,15 +553,7 @@ class SimMcu:
             while not self.stopping:
                 self.check_lease()
                 now = boot_ns()
-                # Timers.
-                if self.unplugged_until is not None and now >= self.unplugged_until:
-                    self.plug()
-                    self._replace_link("replugged")
-                if self.power_off_at is not None and now >= self.power_off_at:
-                    self.power_off_at = None
-                    self.powered = False
-                    os.pwrite(self.power_fd, b"off\n", 0)
-                    log.info("tablet power off")
+                self._timers(now)
                 for message in self.link.tick(now):
                     self.handle_message(message, now)
                 periodic = now >= next_status
@@ -558,6 +576,8 @@ class SimMcu:
                         deadlines.append(deadline)
                 timeout = max(0, min(deadlines) - boot_ns()) / S
                 fds = [self.control.fileno(), self.wake_r]
+                if self.parent_fd is not None:
+                    fds.append(self.parent_fd)
                 if self.pty is not None:
                     fds.append(self.pty.master_fd)
                 ready, _, _ = select.select(fds, [], [], timeout)
@@ -569,6 +589,9 @@ class SimMcu:
                     self._read_port()
                 if self.control.fileno() in ready:
                     self._serve_control()
+                if self.parent_fd in ready and not os.read(self.parent_fd, 512):
+                    log.info("the process that started the simulated MCU is gone: exiting")
+                    self.stopping = True
         finally:
             self.close()
 
@@ -698,6 +721,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="start docked in this bay (0: undocked)")
     parser.add_argument("--drain-pct-per-min", type=float, default=0.5)
     parser.add_argument("--charge-pct-per-min", type=float, default=2.0)
+    parser.add_argument("--baud", type=int, default=0,
+                        help="pace outgoing bytes at this UART rate, 8N1 (0: pty speed)")
+    parser.add_argument("--realtime-priority", type=int, default=0, metavar="N",
+                        help="run at SCHED_FIFO priority N (1-99), as firmware owns its timer; "
+                        "needs CAP_SYS_NICE (0: normal scheduling)")
+    parser.add_argument("--exit-with-stdin", action="store_true",
+                        help="exit when stdin reaches end-of-file (the parent died)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -706,14 +736,41 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--battery-pct: must be 0 to 100")
     if not 0 <= args.dock <= 255:
         parser.error("--dock: must be 0 to 255")
+    if not 0 <= args.baud <= 4_000_000:
+        parser.error("--baud: must be 0 to 4000000")
+    if not 0 <= args.realtime_priority <= 99:
+        parser.error("--realtime-priority: must be 0 to 99")
+    if args.realtime_priority:
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.realtime_priority))
+        except PermissionError:
+            log.warning("no SCHED_FIFO (needs CAP_SYS_NICE): the lease timer runs at normal "
+                        "priority")
     if args.port.exists() and not args.port.is_symlink():
         parser.error(f"--port: {args.port} exists and is not a symlink: give the path where "
                      "the simulated MCU publishes its pty (it creates the symlink)")
+    # One simulated MCU per state directory: a successor (a daemon restarted after SIGKILL)
+    # waits here until the previous one has cut its lease and removed its files.
+    (args.state_dir / "sim").mkdir(parents=True, exist_ok=True)
+    lock_fd = os.open(args.state_dir / "sim" / "mcu.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                      0o600)
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                print(f"mcu-sim: cannot start: another simulated MCU holds {args.state_dir}",
+                      file=sys.stderr)
+                return 1
+            time.sleep(0.01)
     try:
         sim = SimMcu(args.port, args.state_dir, seed=args.seed,
                      drain_pct_per_min=args.drain_pct_per_min,
                      charge_pct_per_min=args.charge_pct_per_min,
-                     battery_pct=args.battery_pct, dock_bay=args.dock)
+                     battery_pct=args.battery_pct, dock_bay=args.dock, baud=args.baud,
+                     parent_fd=sys.stdin.fileno() if args.exit_with_stdin else None)
     except (OSError, McuEncodeError) as exc:
         print(f"mcu-sim: cannot start: {exc}", file=sys.stderr)
         return 1

@@ -41,7 +41,8 @@ SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 VARIANT = "minbase"
 # Everything the root needs; changing this list (or the options below) changes the cache key.
-PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv")
+# polkitd: the critical-battery power-off asks logind, which asks polkit (the image's rule).
+PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "polkitd")
 DPKG_OPTIONS = (
     "path-exclude=/usr/share/man/*",
     "path-exclude=/usr/share/locale/*",
@@ -172,6 +173,9 @@ def device_config(self_grant_s: int) -> str:
     doc = tomllib.loads((PROJECT / "config" / "sim.toml").read_text(encoding="utf-8"))
     doc.setdefault("paths", {})["state_dir"] = STATE_DIR
     doc.setdefault("sim", {})["self_grant_s"] = self_grant_s
+    # A tablet: the critical-battery power-off really powers off (the container here).
+    doc.setdefault("power", {}).update(poweroff="systemd", critical_hold_s=0.0,
+                                       shutdown_flush_s=0.0)
     text = "# Written by tests/system from config/sim.toml.\n\n" + dump_toml(doc)
     if tomllib.loads(text) != doc:
         raise AssertionError("dump_toml round trip changed the configuration")
@@ -204,6 +208,10 @@ def prepare_root(base: Path, root: Path, wheels: Path, *, self_grant_s: int,
     (etc / "tabletd").mkdir(parents=True, exist_ok=True)
     (etc / "tabletd" / "tabletd.toml").write_text(device_config(self_grant_s), encoding="utf-8")
     shutil.copyfile(PROJECT / "systemd" / UNIT, etc / "systemd" / "system" / UNIT)
+    rules = etc / "polkit-1" / "rules.d"
+    rules.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(PROJECT / "systemd" / "tabletd-poweroff.rules",
+                    rules / "50-tabletd-poweroff.rules")
     for name, text in (dropins or {}).items():
         d = etc / "systemd" / "system" / f"{UNIT}.d"
         d.mkdir(exist_ok=True)

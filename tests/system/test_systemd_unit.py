@@ -9,7 +9,10 @@ once the daemon is up. It is booted with ``systemd-nspawn -b`` and checked, in t
   STATUS=, and the enforcement thread really runs SCHED_FIFO under the sandbox;
 * SIGKILL of the daemon: ExecStopPost's ``tabletd cutoff`` cuts the rail and records it, and
   the restarted daemon keeps it off;
-* SIGSTOP of the daemon (a hung loop): WatchdogSec kills it, the rail is cut, it restarts.
+* SIGSTOP of the daemon (a hung loop): WatchdogSec kills it, the rail is cut, it restarts;
+* last, the simulated MCU's battery made critical: the call ends with ``low_battery`` and the
+  sandboxed daemon (user tabletd, no capabilities) powers the system off through logind and
+  the polkit rule ``systemd/tabletd-poweroff.rules``: the container halts.
 
 Needs root and mmdebstrap + systemd-nspawn (``bash tools/dev test`` installs them): it
 fails, not skips, when the tools are missing; it skips only when not run as root.
@@ -17,9 +20,11 @@ fails, not skips, when the tools are missing; it skips only when not run as root
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -253,3 +258,32 @@ def test_watchdog_restarts_a_hung_daemon(booted: Booted) -> None:
     assert "Traceback" not in journal, f"a traceback in the daemon's journal:\n{journal}"
     nr.log(f"watchdog: hung pid {u['MainPID']} replaced by {after['MainPID']} in {took:.1f} s "
            f"(NRestarts {u['NRestarts']} -> {after['NRestarts']})")
+
+
+def test_critical_battery_powers_the_system_off(booted: Booted) -> None:
+    """Runs last: it ends the container. The orderly power-off of issue 5, for real."""
+    booted.wait_active("tabletd.service to be active before the battery runs down")
+    script = ("from tabletd.mcu.sim import send_control\n"
+              f"send_control({nr.STATE_DIR!r}, {{'battery_pct': 3}})\n")
+    booted.c.run([f"{nr.VENV}/bin/python", "-c", script])
+    proc = booted.c.proc
+    assert proc is not None
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the system did not power off:\n"
+                             f"{booted.diagnostics()}") from None
+    console = booted.c.console_tail()
+    db = sqlite3.connect(f"file:{booted.c.root}/var/lib/tabletd/events.sqlite?mode=ro",
+                         uri=True)
+    try:
+        kinds = [k for (k,) in db.execute("SELECT kind FROM events ORDER BY seq")]
+        ended = [json.loads(f) for (f,) in db.execute(
+            "SELECT fields FROM events WHERE kind = 'call_ended'")]
+    finally:
+        db.close()
+    assert "power_off" in kinds and "power_off_failed" not in kinds, (kinds, console)
+    assert ended and ended[-1]["reason"] == "low_battery", ended
+    assert kinds.index("battery_critical") < kinds.index("power_off")
+    nr.log(f"critical battery: call ended (low_battery), system powered off "
+           f"(nspawn exit {proc.returncode})")
