@@ -40,9 +40,13 @@ def test_fleet_does_not_come_back_in_a_wave() -> None:
     assert max(per_second) <= 3 * mean
 
 
-def test_retry_after_is_a_floor_and_reset_restarts() -> None:
+def test_retry_after_comes_first_with_the_jitter_on_top_and_reset_restarts() -> None:
     b = Backoff(1, 60, random.Random(3))
-    assert b.next_delay(retry_after_s=30) >= 30
+    assert 30 <= b.next_delay(retry_after_s=30) <= 31
+    # a fleet told the same retry_after does not come back in lockstep
+    fleet = [Backoff(1, 60, random.Random(i)).next_delay(retry_after_s=30) for i in range(500)]
+    per_100ms = [sum(1 for d in fleet if 30 + s / 10 <= d < 30 + (s + 1) / 10) for s in range(10)]
+    assert max(per_100ms) <= 2 * 500 / 10
     for _ in range(10):
         b.next_delay()
     b.reset()

@@ -2,7 +2,8 @@
 
 Full jitter on *every* attempt: ``uniform(0, min(cap, base * 2**attempt))``, so a fleet that
 lost its server at the same instant does not come back in waves. A server-given
-``retry_after`` is a floor.
+``retry_after`` is waited first, and the jittered delay on top: the whole fleet hears the same
+``retry_after``, and a plain floor (``max``) would bring it back in one lockstep wave.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class Backoff:
         self.attempt += 1
         delay = self.rng.uniform(0, ceiling)
         if retry_after_s is not None:
-            delay = max(delay, retry_after_s)
+            delay += retry_after_s
         return delay
 
     def reset(self) -> None:

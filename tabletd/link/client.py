@@ -147,7 +147,8 @@ class LinkClient:
         self._retry_after: float | None = None
 
     def _note_retry_after(self, exc: BaseException | None) -> None:
-        """A ``retry_after=N`` in the server's close reason is a floor for the next delay."""
+        """A ``retry_after=N`` in the server's close reason is waited before the next
+        jittered delay."""
         if isinstance(exc, ConnectionClosed) and exc.rcvd is not None:
             m = _RETRY_AFTER.search(exc.rcvd.reason)
             if m:
