@@ -1,4 +1,4 @@
-"""Command line: ``tabletd run | cutoff | status | check-config | demo``."""
+"""Command line: ``tabletd run | cutoff | status | check-config | provision | selftest | demo``."""
 
 from __future__ import annotations
 
@@ -186,6 +186,46 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     return EX_OK
 
 
+def cmd_provision(args: argparse.Namespace, cfg: Config) -> int:
+    """First-boot provisioning (``tabletd/provision.py``); 0 done, 1 with the problems."""
+    from tabletd.provision import ProvisionError, provision
+
+    try:
+        done = provision(cfg, Path(args.file))
+    except ProvisionError as exc:
+        for problem in exc.problems:
+            print(f"tabletd provision: {problem}", file=sys.stderr)
+        return EX_FAILURE
+    print(f"provisioned as {done.device_id}: key {done.key}, certificate {done.cert}, "
+          f"CA {done.ca}, overlay {done.overlay}")
+    if not done.removed_file:
+        print(f"tabletd provision: provisioned, but {args.file} could not be deleted: delete "
+              "it by hand (its token is spent)", file=sys.stderr)
+        return EX_FAILURE
+    print(f"{args.file} deleted; restart tabletd to use the new identity "
+          "(systemctl restart tabletd)")
+    return EX_OK
+
+
+def cmd_selftest(args: argparse.Namespace, cfg: Config) -> int:
+    """The field self-test (``tabletd/selftest.py``); 0 if every check passed, else 1."""
+    from tabletd.selftest import SelfTest, render_json, render_table
+
+    results = SelfTest(cfg, state_dir_for(args, cfg), min_free_mb=args.min_free_mb).run()
+    print(render_json(results) if args.json else render_table(results))
+    return EX_OK if all(r.ok for r in results) else EX_FAILURE
+
+
+def _megabytes(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: must be 0 or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tabletd", description=__doc__)
     p.add_argument("--version", action="version", version=f"tabletd {__version__}")
@@ -209,6 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="how long the network is cut in the middle of the call")
     demo.add_argument("--start-in", type=float, default=3.0,
                       help="seconds from booking to the call's start")
+    pv = with_config("provision", "first boot: enrol with the server, store this tablet's "
+                     "identity (docs/field-guide.md)")
+    pv.add_argument("--file", default="/boot/firmware/tabletd-provision.toml",
+                    help="the provisioning file (default: %(default)s)")
+    stt = with_config("selftest", "check every part and say what to fix (exit 1 on any "
+                      "failure)")
+    stt.add_argument("--json", action="store_true", help="print the results as JSON")
+    stt.add_argument("--min-free-mb", type=_megabytes, default=64, metavar="MB",
+                     help="the least free space the state directory must have (default 64)")
     cc = sub.add_parser("check-config", help="validate a configuration file (exit 78 if bad)")
     cc.add_argument("file")
     return p
@@ -229,8 +278,19 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_cutoff(args, cfg)
         if args.command == "status":
             return cmd_status(args, cfg)
-        from tabletd.demo import run_demo
-
+        if args.command == "provision":
+            return cmd_provision(args, cfg)
+        if args.command == "selftest":
+            return cmd_selftest(args, cfg)
+        try:
+            from tabletd.demo import run_demo
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith("tabletd.devserver"):
+                raise
+            print("tabletd demo: the demo needs the reference central server "
+                  "(tabletd.devserver), which is never installed on a tablet image: run it "
+                  "on a development machine", file=sys.stderr)
+            return EX_FAILURE
         return run_demo(cfg, args)
     except TabletdError as exc:
         print(f"tabletd {args.command}: {exc}", file=sys.stderr)

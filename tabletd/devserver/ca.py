@@ -44,6 +44,11 @@ LEAF_DAYS = 825
 ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # protocol section 3: an `id`
 
 
+class CsrError(DevServerError, ValueError):
+    """A certificate signing request that cannot be signed (unreadable, bad signature, key
+    type not accepted); the message says which."""
+
+
 def check_device_id(device_id: str) -> str:
     """Return ``device_id`` if it is a protocol ``id``; raise :class:`DevServerError` if not."""
     if not ID_RE.fullmatch(device_id):
@@ -126,24 +131,39 @@ def sign_csr(directory: Path, csr_pem: bytes, device_id: str) -> bytes:
     """Issue a device certificate (PEM) for a CSR generated on the tablet (enrolment).
 
     The certificate's CN is ``device_id`` whatever the CSR asked for, so a tablet cannot
-    name itself. Raises :class:`DevServerError` if the CSR is unreadable, its signature does
-    not verify, or its key type is not accepted (EC or Ed25519).
+    name itself. Raises :class:`CsrError` if the CSR is unreadable, its signature does not
+    verify, or its key type is not accepted (EC or Ed25519); :class:`DevServerError` if the
+    CA is unusable.
     """
     check_device_id(device_id)
     ca_key, ca_cert = _load_ca(directory)
     try:
         csr = x509.load_pem_x509_csr(csr_pem)
     except ValueError as exc:
-        raise DevServerError(f"CSR for {device_id}: not a PEM certificate request ({exc})") \
+        raise CsrError(f"CSR for {device_id}: not a PEM certificate request ({exc})") \
             from exc
     if not csr.is_signature_valid:
-        raise DevServerError(f"CSR for {device_id}: its signature does not verify")
+        raise CsrError(f"CSR for {device_id}: its signature does not verify")
     public_key = csr.public_key()
     if not isinstance(public_key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
-        raise DevServerError(f"CSR for {device_id}: key type {type(public_key).__name__} "
+        raise CsrError(f"CSR for {device_id}: key type {type(public_key).__name__} "
                              "not accepted (EC or Ed25519)")
     cert = _issue(ca_key, ca_cert, public_key, device_id, ExtendedKeyUsageOID.CLIENT_AUTH)
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def csr_common_name(csr_pem: bytes) -> str | None:
+    """The subject CN a CSR asks for (None if it has none); raises :class:`CsrError` if the
+    CSR is unreadable."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise CsrError(f"not a PEM certificate request ({exc})") from exc
+    attrs = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not attrs:
+        return None
+    value = attrs[0].value
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")
 
 
 def load_grant_key(directory: Path) -> ed25519.Ed25519PrivateKey:

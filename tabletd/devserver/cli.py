@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from tabletd.devserver import BANNER, DevServerError, ca
 from tabletd.devserver.store import Store
+from tabletd.provision import FILE_FORMAT
 
 log = logging.getLogger("tabletd.devserver")
 
@@ -40,7 +42,15 @@ Typical use:
   tabletd-devserver serve srv --port 8443 &
   tabletd-devserver book srv tablet-1 --in 10 --duration 60 --contact "Marie"
   tabletd-devserver events srv
+
+Provisioning a tablet by enrolment instead (docs/field-guide.md):
+  tabletd-devserver provisioning-file srv tablet-2 --out tabletd-provision.toml
+  # copy it to the tablet's boot partition; `serve` also listens for enrolment on 8444
 """
+
+DEFAULT_URL = "wss://127.0.0.1:8443/"
+DEFAULT_ENROL_URL = "wss://127.0.0.1:8444/"
+DEFAULT_TOKEN_TTL_S = 86400
 
 
 def _now_ms() -> int:
@@ -85,19 +95,77 @@ def cmd_device_add(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    device_id = ca.check_device_id(args.device_id)
+    with Store.open(Path(args.dir)) as store:
+        token = store.issue_token(device_id, _now_ms() + store.clock_offset_ms(), args.ttl)
+    print(token)
+    print(f"one-time enrolment token for {device_id}, valid {args.ttl} s (server time)",
+          file=sys.stderr)
+    return EX_OK
+
+
+def provisioning_file_text(directory: Path, device_id: str, token: str, *, url: str,
+                           enrol_url: str) -> str:
+    """A provisioning file (``tabletd/provision.py``, field guide) for ``device_id``."""
+    try:
+        ca_pem = (directory / ca.CA_CERT).read_text(encoding="ascii")
+    except OSError as exc:
+        raise DevServerError(f"{directory / ca.CA_CERT}: cannot read ({exc.strerror}); run "
+                             "`tabletd-devserver init` first") from exc
+    return (
+        "# tabletd provisioning file: copy to the boot partition as\n"
+        "# /boot/firmware/tabletd-provision.toml. It holds a one-time token: keep it private;\n"
+        "# the tablet deletes it once provisioned.\n"
+        f"format = {FILE_FORMAT}\n\n"
+        f"[device]\nid = {json.dumps(device_id)}\n\n"
+        f"[server]\nurl = {json.dumps(url)}\nenrol_url = {json.dumps(enrol_url)}\n"
+        f"grant_public_key = {json.dumps(ca.grant_public_key_b64(directory))}\n"
+        f'ca = """\n{ca_pem}"""\n\n'
+        f"[enrolment]\ntoken = {json.dumps(token)}\n"
+    )
+
+
+def cmd_provisioning_file(args: argparse.Namespace) -> int:
+    directory, out = Path(args.dir), Path(args.out)
+    device_id = ca.check_device_id(args.device_id)
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError as exc:
+        raise DevServerError(f"{out}: already exists; not overwriting") from exc
+    except OSError as exc:
+        raise DevServerError(f"{out}: cannot create ({exc.strerror})") from exc
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            with Store.open(directory) as store:
+                token = store.issue_token(device_id, _now_ms() + store.clock_offset_ms(),
+                                          args.ttl)
+            f.write(provisioning_file_text(directory, device_id, token, url=args.url,
+                                           enrol_url=args.enrol_url))
+    except BaseException:
+        out.unlink()  # no half-written file holding a token
+        raise
+    print(f"{out}: provisioning file for {device_id} (token valid {args.ttl} s); copy it to "
+          "the tablet's boot partition as tabletd-provision.toml")
+    return EX_OK
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from tabletd.devserver.server import DevServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     server = DevServer(Path(args.dir), host=args.host, port=args.port,
-                       clock_offset_ms=args.clock_offset_ms, downlink=args.downlink)
+                       clock_offset_ms=args.clock_offset_ms, downlink=args.downlink,
+                       enrol_port=None if args.enrol_port == 0 else args.enrol_port)
 
     async def run() -> None:
         await server.start()
         this = asyncio.current_task()
         assert this is not None
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, this.cancel)
-        print(f"{BANNER}\nlistening on wss://{args.host}:{server.port}/ "
+        enrolment = (f", enrolment on wss://{args.host}:{server.enrol_port}/"
+                     if server.enrol_port is not None else ", no enrolment")
+        print(f"{BANNER}\nlistening on wss://{args.host}:{server.port}/{enrolment} "
               f"(clock offset {args.clock_offset_ms:+d} ms); Ctrl-C stops", flush=True)
         try:
             await server.serve_forever()
@@ -221,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--downlink", action="store_true",
                    help="send a synthetic family stream (H.264 640x360 15 fps, Opus tone) "
                         "to a tablet while its call is live")
-    p.set_defaults(func=cmd_serve)
+    _add_enrolment_commands(sub, serve=p)
 
     p = sub.add_parser("book", help="book a call; prints its session id")
     p.add_argument("dir", metavar="DIR")
@@ -265,6 +333,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", metavar="D")
     p.set_defaults(func=cmd_bookings)
     return parser
+
+
+def _add_enrolment_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], *,
+                            serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--enrol-port", type=int, default=8444, metavar="P",
+                       help="port of the enrolment endpoint (server-authenticated TLS only; "
+                            "0: none). Default 8444")
+    serve.set_defaults(func=cmd_serve)
+    ttl_help = (f"the token's lifetime in seconds (60 to 2592000, default "
+                f"{DEFAULT_TOKEN_TTL_S})")
+    p = sub.add_parser("token", help="issue a one-time enrolment token for a device "
+                       "(registers it if need be)")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("device_id", metavar="DEVICE_ID")
+    p.add_argument("--ttl", type=int, default=DEFAULT_TOKEN_TTL_S, metavar="SECONDS",
+                   help=ttl_help)
+    p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("provisioning-file", help="issue a token and write a tablet's "
+                       "provisioning file (tabletd-provision.toml)")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("device_id", metavar="DEVICE_ID")
+    p.add_argument("--out", required=True, metavar="FILE", help="the file to write (mode 0600)")
+    p.add_argument("--url", default=DEFAULT_URL, help=f"the link URL (default {DEFAULT_URL})")
+    p.add_argument("--enrol-url", default=DEFAULT_ENROL_URL,
+                   help=f"the enrolment URL (default {DEFAULT_ENROL_URL})")
+    p.add_argument("--ttl", type=int, default=DEFAULT_TOKEN_TTL_S, metavar="SECONDS",
+                   help=ttl_help)
+    p.set_defaults(func=cmd_provisioning_file)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

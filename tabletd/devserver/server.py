@@ -36,6 +36,14 @@ duration + 50 ms. While it is live, its uplink is recorded, without re-encoding,
 ``DIR/recordings/<session_id>.ts`` (:mod:`.recorder`), and with ``downlink=True`` a
 synthetic "family" stream is sent to the tablet (:mod:`.downlink`). Frames arriving outside
 the window are counted against the device's last session, never recorded.
+
+Enrolment (section 7): with ``enrol_port`` set, a second listener takes enrolments over
+TLS that authenticates the server only (the tablet has no certificate yet), subprotocol
+``tabletd.enrol.v1`` (websockets refuses a client that does not offer it: HTTP 400). One
+``enrol`` message per connection: the CSR must be signed by its key and name the device
+(CN); the certificate is signed first, then the one-time token is consumed (bound to the
+device, unexpired, unused: :meth:`Store.consume_token`), and only then is the certificate
+sent. Anything refused is answered ``error`` with the section's code and closed with 1008.
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ from tabletd.devserver.media import SessionMedia
 from tabletd.devserver.store import (
     Booking,
     Command,
+    EnrolRefused,
     EventRecord,
     Store,
     StoredEvent,
@@ -87,6 +96,15 @@ from tabletd.link.messages import (
     error_for,
 )
 from tabletd.media.frames import MAX_BINARY_FRAME, decode_frame
+from tabletd.provision import (
+    ENROL_MAX_MESSAGE,
+    ENROL_SUBPROTOCOL,
+    EnrolMessageError,
+    EnrolRequest,
+    decode_request,
+    encode_enrol_error,
+    encode_enrolled,
+)
 
 log = logging.getLogger("tabletd.devserver")
 
@@ -140,10 +158,13 @@ class DevServer:
     def __init__(self, directory: Path, host: str = "127.0.0.1", port: int = 0,
                  clock_offset_ms: int = 0, *, tick_s: float = 0.05,
                  wall_ms: Callable[[], int] = wall_clock_ms, downlink: bool = False,
-                 record: bool = True) -> None:
+                 record: bool = True, enrol_port: int | None = None) -> None:
         self.directory = Path(directory)
         self.host = host
         self._port = port
+        self._enrol_port = enrol_port  # None: no enrolment listener
+        self._enrol_server: Server | None = None
+        self.enrolments = 0  # certificates issued by enrolment
         self.clock_offset_ms = clock_offset_ms
         self.tick_s = tick_s
         self._wall_ms = wall_ms
@@ -177,6 +198,13 @@ class DevServer:
         return int(sock.getsockname()[1])
 
     @property
+    def enrol_port(self) -> int | None:
+        """The enrolment listener's bound port (None without one)."""
+        if self._enrol_server is None:
+            return self._enrol_port
+        return int(next(iter(self._enrol_server.sockets)).getsockname()[1])
+
+    @property
     def store(self) -> Store:
         if self._store is None:
             raise DevServerError("the reference server is not started")
@@ -197,6 +225,13 @@ class DevServer:
             max_size=MAX_MEDIA_FRAME, ping_interval=20, ping_timeout=20, close_timeout=2,
             server_header="tabletd-devserver (REFERENCE SERVER, development only)",
         )
+        if self._enrol_port is not None:
+            self._enrol_server = await serve(
+                self._handle_enrol, self.host, self._enrol_port, ssl=self.ssl_context(
+                    client_cert=False), subprotocols=[ENROL_SUBPROTOCOL],
+                max_size=ENROL_MAX_MESSAGE, close_timeout=2,
+                server_header="tabletd-devserver (REFERENCE SERVER, development only)")
+            log.info("enrolment listening on %s:%d", self.host, self.enrol_port)
         self._scheduler = asyncio.create_task(self._schedule(), name="devserver-scheduler")
         log.info("reference server listening on %s:%d (clock offset %+d ms)", self.host,
                  self.port, self.clock_offset_ms)
@@ -208,10 +243,11 @@ class DevServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._scheduler
             self._scheduler = None
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        for listener in (self._server, self._enrol_server):
+            if listener is not None:
+                listener.close()
+                await listener.wait_closed()
+        self._server = self._enrol_server = None
         now = time.monotonic_ns()
         for media in list(self._live.values()):
             self._end_live(media, now, "server_stopped")
@@ -243,11 +279,12 @@ class DevServer:
         assert self._server is not None
         await self._server.serve_forever()
 
-    def ssl_context(self) -> ssl.SSLContext:
-        """Server TLS: the server identity, client certificates required from the dev CA."""
+    def ssl_context(self, *, client_cert: bool = True) -> ssl.SSLContext:
+        """Server TLS: the server identity, client certificates required from the dev CA
+        (``client_cert=False``, for enrolment: none asked for)."""
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.verify_mode = ssl.CERT_REQUIRED if client_cert else ssl.CERT_NONE
         cert, key, ca_file = (self.directory / ca.SERVER_CERT, self.directory / ca.SERVER_KEY,
                               self.directory / ca.CA_CERT)
         try:
@@ -338,6 +375,53 @@ class DevServer:
         duration + 50 ms (server clock)."""
         media = self._media.get(session_id)
         return media.arrived_after_deadline if media is not None else 0
+
+    # -- enrolment (docs/protocol.md section 7) ------------------------------------------
+
+    async def _handle_enrol(self, ws: ServerConnection) -> None:
+        """One enrolment: ``enrol`` in, ``enrolled`` or ``error`` out, then close."""
+        try:
+            async with asyncio.timeout(HELLO_TIMEOUT_S):
+                first = await ws.recv()
+        except TimeoutError:
+            await ws.close(CLOSE_POLICY, "no enrol message")
+            return
+        except ConnectionClosed:
+            return
+        try:
+            req = decode_request(first)
+            cert_pem = await asyncio.to_thread(self._enrol, req)
+        except (EnrolMessageError, EnrolRefused) as exc:
+            log.warning("enrolment refused: %s: %s", exc.code, exc.detail)
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(encode_enrol_error(exc.code, exc.detail))
+            await ws.close(CLOSE_POLICY, exc.code)
+            return
+        except DevServerError as exc:  # the store or the CA, not the tablet's request
+            log.error("enrolment failed: %s", exc)
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(encode_enrol_error("internal", str(exc)))
+            await ws.close(CLOSE_POLICY, "internal")
+            return
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(encode_enrolled(req.device_id, cert_pem))
+            await ws.close(1000, "enrolled")
+
+    def _enrol(self, req: EnrolRequest) -> str:
+        """Check the CSR, sign it, then spend the token; the certificate PEM."""
+        csr_pem = req.csr_pem.encode("utf-8")
+        try:
+            named = ca.csr_common_name(csr_pem)
+            if named != req.device_id:
+                raise ca.CsrError(f"the CSR's subject CN is {named!r}, not the device id "
+                                  f"{req.device_id!r}")
+            cert = ca.sign_csr(self.directory, csr_pem, req.device_id)
+        except ca.CsrError as exc:
+            raise EnrolRefused("bad_csr", str(exc)) from exc
+        self.store.consume_token(req.token, req.device_id, self.now_ms())
+        self.enrolments += 1
+        log.info("enrolled %s: certificate issued", req.device_id)
+        return cert.decode("ascii")
 
     # -- one connection --------------------------------------------------------------
 

@@ -13,10 +13,16 @@ A booking moves ``booked`` → ``granted`` (grant sent) → ``started`` (start s
 tablet reported ``call_started``) → ``ended`` (the tablet reported ``call_ended``: the
 authoritative end, protocol section 5). Staff ending a call before its start makes it
 ``cancelled``.
+
+Enrolment tokens (``docs/protocol.md`` section 7) are stored as the SHA-256 of the token,
+never the token itself, each bound to one device, with an expiry and the time it was used:
+:meth:`Store.consume_token` checks and marks it used in one transaction, so a token works
+once even with two enrolments racing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import sqlite3
@@ -33,6 +39,18 @@ STORE_FILE = "store.sqlite"
 BookingState = Literal["booked", "granted", "started", "ended", "cancelled"]
 CommandKind = Literal["end", "lock", "unlock"]
 OPEN_STATES: tuple[BookingState, ...] = ("booked", "granted", "started")
+MIN_TOKEN_TTL_S = 60
+MAX_TOKEN_TTL_S = 30 * 86400
+
+
+class EnrolRefused(DevServerError):
+    """An enrolment refused; ``code`` is the protocol's error code (section 7)."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -94,6 +112,13 @@ CREATE TABLE IF NOT EXISTS tablet_errors (
     detail        TEXT NOT NULL,
     ref           TEXT,
     received_ms   INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS enrol_tokens (
+    token_sha256  TEXT PRIMARY KEY,
+    device_id     TEXT NOT NULL REFERENCES devices(id),
+    issued_ms     INTEGER NOT NULL,
+    expires_ms    INTEGER NOT NULL,
+    used_ms       INTEGER
 );
 CREATE TABLE IF NOT EXISTS settings (
     name          TEXT PRIMARY KEY,
@@ -460,6 +485,48 @@ class Store:
                               "WHERE device_id = ?", (device_id,))
         return int(rows[0]["n"])
 
+    # -- enrolment tokens (docs/protocol.md section 7) ------------------------------------
+
+    def issue_token(self, device_id: str, now_ms: int, ttl_s: int) -> str:
+        """A new one-time enrolment token for ``device_id``, valid ``ttl_s`` seconds.
+
+        The device is registered if it is not yet (a device may be enrolled again, e.g. after
+        its storage was replaced: the new certificate is then issued to a new key). Only the
+        token's SHA-256 is stored; the token itself is returned once, here.
+        """
+        if not MIN_TOKEN_TTL_S <= ttl_s <= MAX_TOKEN_TTL_S:
+            raise DevServerError(f"token lifetime {ttl_s} s: must be {MIN_TOKEN_TTL_S} to "
+                                 f"{MAX_TOKEN_TTL_S} s")
+        token = secrets.token_urlsafe(32)
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO devices (id, registered_ms) VALUES (?, ?)",
+                       (device_id, now_ms))
+            db.execute("INSERT INTO enrol_tokens (token_sha256, device_id, issued_ms, "
+                       "expires_ms) VALUES (?, ?, ?, ?)",
+                       (_token_hash(token), device_id, now_ms, now_ms + ttl_s * 1000))
+        return token
+
+    def consume_token(self, token: str, device_id: str, now_ms: int) -> None:
+        """Use a token for ``device_id``: it must exist, be this device's, unused and not
+        expired; it is then marked used in the same transaction. Raises
+        :class:`EnrolRefused` with the protocol's error code otherwise."""
+        with self._tx() as db:
+            cur = db.execute("SELECT device_id, expires_ms, used_ms FROM enrol_tokens "
+                             "WHERE token_sha256 = ?", (_token_hash(token),))
+            row = cur.fetchone()
+            if row is None:
+                raise EnrolRefused("token_invalid", "no such enrolment token on this server")
+            owner, expires_ms, used_ms = row
+            if owner != device_id:
+                raise EnrolRefused("token_wrong_device", f"this token was issued for another "
+                                   f"device, not {device_id!r}")
+            if used_ms is not None:
+                raise EnrolRefused("token_used", "this token was already used; issue a new one")
+            if now_ms >= expires_ms:
+                raise EnrolRefused("token_expired", "this token has expired; issue a new one")
+            db.execute("UPDATE enrol_tokens SET used_ms = ? WHERE token_sha256 = ?",
+                       (now_ms, _token_hash(token)))
+
     # -- tablet errors ---------------------------------------------------------------
 
     def add_tablet_error(self, device_id: str, code: str, detail: str, ref: str | None,
@@ -476,6 +543,10 @@ class Store:
                               (device_id,))
         return [TabletError(r["device_id"], r["code"], r["detail"], r["ref"],
                             r["received_ms"]) for r in rows]
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 def _device(r: sqlite3.Row) -> Device:
