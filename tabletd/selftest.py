@@ -87,7 +87,7 @@ from tabletd.mcu.client import McuClient
 from tabletd.mcu.codec import ChargingState, Event, Status
 from tabletd.mcu.pty import start_sim_mcu, stop_sim_mcu
 from tabletd.media.frames import MediaFrame
-from tabletd.persistence import StateFile
+from tabletd.persistence import StateFile, write_atomically
 from tabletd.session import State
 
 CAMERA_TIMEOUT_S = 8.0  # the first frame: 5 s for the device to open, then a frame period
@@ -250,12 +250,7 @@ class SelfTest:
             if os.statvfs(self.state_dir).f_flag & os.ST_RDONLY:
                 return CheckResult("storage", False, f"{self.state_dir}: mounted read-only",
                                    fix)
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_atomically(probe, data)
             if probe.read_bytes() != data:
                 return CheckResult("storage", False, f"{probe}: read back differs from what "
                                    "was written", fix)

@@ -12,6 +12,7 @@ import pytest
 
 from tabletd.config import Config, load_config
 from tabletd.daemon import Daemon
+from tabletd.devserver import ca
 
 REPO = Path(__file__).resolve().parent.parent
 SIM_CONFIG = REPO / "config" / "sim.toml"
@@ -86,3 +87,22 @@ async def start_daemon(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     for running in started:
         if not running.task.done():
             await running.stop()
+
+
+@pytest.fixture(scope="module")
+def ca_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One development CA per test module (making keys is the slow part)."""
+    directory = tmp_path_factory.mktemp("ca")
+    ca.init(directory)
+    return directory
+
+
+@pytest.fixture
+def srv_dir(ca_master: Path, tmp_path: Path) -> Path:
+    """A fresh reference-server directory with the module's CA and no store yet."""
+    directory = tmp_path / "srv"
+    directory.mkdir()
+    for path in ca_master.iterdir():
+        if path.is_file() and not path.name.startswith("store.sqlite"):
+            (directory / path.name).write_bytes(path.read_bytes())
+    return directory

@@ -52,23 +52,6 @@ class Clock:
         return self.ms
 
 
-@pytest.fixture(scope="module")
-def ca_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("enrolca")
-    ca.init(directory)
-    return directory
-
-
-@pytest.fixture
-def srv_dir(ca_master: Path, tmp_path: Path) -> Path:
-    directory = tmp_path / "srv"
-    directory.mkdir()
-    for path in ca_master.iterdir():
-        if path.is_file() and not path.name.startswith("store.sqlite"):
-            (directory / path.name).write_bytes(path.read_bytes())
-    return directory
-
-
 @pytest.fixture
 def clock() -> Clock:
     return Clock()

@@ -35,23 +35,6 @@ from .conftest import SIM_CONFIG, wait_for
 DEVICE = "tab-prov-1"
 
 
-@pytest.fixture(scope="module")
-def ca_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("provca")
-    ca.init(directory)
-    return directory
-
-
-@pytest.fixture
-def srv_dir(ca_master: Path, tmp_path: Path) -> Path:
-    directory = tmp_path / "srv"
-    directory.mkdir()
-    for path in ca_master.iterdir():
-        if path.is_file() and not path.name.startswith("store.sqlite"):
-            (directory / path.name).write_bytes(path.read_bytes())
-    return directory
-
-
 @pytest.fixture
 async def server(srv_dir: Path) -> AsyncIterator[DevServer]:
     async with DevServer(srv_dir, tick_s=0.02, enrol_port=0) as srv:

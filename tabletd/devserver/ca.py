@@ -257,15 +257,20 @@ def _read_key(path: Path) -> PrivateKeyTypes:
         raise DevServerError(f"{path}: not an unencrypted PEM private key ({exc})") from exc
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> None:
-    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+def create_secret_file(path: Path) -> int:
+    """Open a new file for a secret (mode 0600), never replacing one; returns the fd."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except FileExistsError as exc:
         raise DevServerError(f"{path}: already exists; not overwriting") from exc
     except OSError as exc:
         raise DevServerError(f"{path}: cannot create ({exc.strerror})") from exc
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> None:
+    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+    fd = create_secret_file(path)
     try:
         os.write(fd, data)
         os.fsync(fd)

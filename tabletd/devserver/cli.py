@@ -129,12 +129,7 @@ def provisioning_file_text(directory: Path, device_id: str, token: str, *, url: 
 def cmd_provisioning_file(args: argparse.Namespace) -> int:
     directory, out = Path(args.dir), Path(args.out)
     device_id = ca.check_device_id(args.device_id)
-    try:
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError as exc:
-        raise DevServerError(f"{out}: already exists; not overwriting") from exc
-    except OSError as exc:
-        raise DevServerError(f"{out}: cannot create ({exc.strerror})") from exc
+    fd = ca.create_secret_file(out)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             with Store.open(directory) as store:
