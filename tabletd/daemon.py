@@ -607,18 +607,23 @@ class Daemon:
             if not (self.store.count() and self.link is not None and self.link.connected):
                 break
             await asyncio.sleep(FLUSH_POLL_S)
-        if self.mcu is not None:
-            self.mcu.power_off(cfg.power_cut_delay_s)
+        if self.mcu is not None and not await self.mcu.power_off(cfg.power_cut_delay_s):
+            log.error("the MCU did not acknowledge POWER_OFF: powering off all the same",
+                      extra={"EVENT": "mcu_power_off_unacked"})
         if cfg.poweroff == "exit":
             log.warning("power off: [power] poweroff = \"exit\": stopping the daemon only")
             self.request_stop()
             return
-        proc = await asyncio.create_subprocess_exec(
-            "systemctl", "poweroff", stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-        _, err = await proc.communicate()
-        if proc.returncode:
-            detail = err.decode("utf-8", "replace").strip()[:512]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                "systemctl", "poweroff", stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+            _, err = await proc.communicate()
+            detail = (err.decode("utf-8", "replace").strip()[:512] or
+                      f"exit status {proc.returncode}") if proc.returncode else ""
+        except OSError as exc:  # no systemctl at all
+            detail = f"systemctl: {exc.strerror or exc}"
+        if detail:
             log.error("systemctl poweroff failed (%s): the MCU cuts the power in %d s",
                       detail, cfg.power_cut_delay_s, extra={"EVENT": "power_off_failed"})
             self._record("power_off_failed", {"detail": detail})

@@ -41,7 +41,8 @@ def wait(what: str, predicate: Any, within: float = 10) -> None:
 
 
 class Tablet:
-    def __init__(self, tmp: Path, power: str = "", mcu_args: list[str] | None = None) -> None:
+    def __init__(self, tmp: Path, power: str = "", mcu_args: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.state = tmp / "state"
         self.state.mkdir()
         self.mcu, device = start_sim_mcu(self.state, seed=7, stderr=subprocess.DEVNULL,
@@ -52,12 +53,15 @@ class Tablet:
         # this test starts the simulated MCU itself, to freeze and unplug it
         text = text.replace("mcu = true", "mcu = false\nself_grant_s = 60")
         text += f'\n[mcu]\nport = "{device}"\nlease_ms = {LEASE_MS}\n'
+        if "poweroff" in power:  # sim.toml's own would be a duplicate key
+            text = text.replace('\npoweroff = "exit"\n', "\n")
         text = text.replace("\n[power]\n", f"\n[power]\n{power}")  # sim.toml has one
         config = tmp / "tabletd.toml"
         config.write_text(text)
         self.daemon = subprocess.Popen(
             [sys.executable, "-m", "tabletd", "run", "--config", str(config), "--state-dir",
-             str(self.state)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             str(self.state)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=None if env is None else {**os.environ, **env})
 
     def status(self) -> dict[str, Any]:
         url = f"http://127.0.0.1:{self.port}/v1/status"
@@ -234,3 +238,25 @@ def test_sim_config_runs_its_own_mcu_which_dies_with_the_daemon(tmp_path: Path) 
         if daemon.poll() is None:
             daemon.kill()
             daemon.wait(10)
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_power_off_is_recorded_and_the_mcu_still_cuts_the_power(
+        tmp_path: Path) -> None:
+    """poweroff = "systemd" with no systemctl to run (an empty PATH): the failure is an
+    event, the call is over all the same, and the MCU already has its POWER_OFF."""
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    tablet = Tablet(tmp_path, POWER.replace("power_cut_delay_s = 10", "power_cut_delay_s = 30")
+                    + 'poweroff = "systemd"\n', env={"PATH": str(empty)})
+    try:
+        wait("the call to go live", lambda: tablet.status().get("rail") == "on")
+        send_control(tablet.state, {"battery_pct": 3})
+        wait("the failure to be recorded", lambda: tablet.events("power_off_failed"))
+        assert "systemctl" in tablet.events("power_off_failed")[0]["detail"]
+        assert [e["reason"] for e in tablet.events("call_ended")] == ["low_battery"]
+        assert tablet.status()["power"]["power_off"] == "low_battery"
+        assert 0 < query_state(tablet.state)["power_off_in_ms"] <= 30_000
+        assert tablet.daemon.poll() is None  # still up: the MCU cuts the power at its delay
+    finally:
+        tablet.close()

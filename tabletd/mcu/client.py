@@ -28,6 +28,7 @@ from tabletd.mcu.link import McuLink, McuLinkDownError
 log = logging.getLogger(__name__)
 
 MAX_WAIT_NS = 100 * NS_PER_MS
+ACK_POLL_S = 0.01  # how often power_off() looks for its ACK
 
 
 class McuHost(Protocol):
@@ -64,15 +65,24 @@ class McuClient:
             link.send(Cut(), self.clock.boot_ns())
         self._wake.set()
 
-    def power_off(self, delay_s: int) -> None:
-        """Ask the MCU to cut the tablet's power in ``delay_s`` (the lease ends at once).
-        Sent only on a live link: without one the MCU's own brown-out protection holds."""
+    async def power_off(self, delay_s: int, timeout_s: float = 2.0) -> bool:
+        """Ask the MCU to cut the tablet's power in ``delay_s`` (the lease ends at once) and
+        wait, at most ``timeout_s``, for its ACK; returns whether it came. Sent only on a live
+        link: without one the MCU's own brown-out protection is what holds."""
         link = self._link
         self._lease_until = None
-        if link is not None and link.handshake_done:
-            link.send(PowerOff(delay_s), self.clock.boot_ns())
-            log.warning("mcu: power off in %d s", delay_s, extra={"EVENT": "mcu_power_off"})
+        if link is None or not link.handshake_done:
+            return False
+        link.send(PowerOff(delay_s), self.clock.boot_ns())
         self._wake.set()
+        for _ in range(int(timeout_s / ACK_POLL_S)):
+            if self._link is not link or link.down:
+                return False
+            if not any(isinstance(m, PowerOff) for m in link.unsent_messages()):
+                log.warning("mcu: power off in %d s", delay_s, extra={"EVENT": "mcu_power_off"})
+                return True
+            await asyncio.sleep(ACK_POLL_S)
+        return False
 
     async def run(self) -> None:
         while True:
