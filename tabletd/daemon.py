@@ -50,7 +50,7 @@ from tabletd.mcu.codec import Event as McuEvent
 from tabletd.mcu.codec import EventKind as McuEventKind
 from tabletd.mcu.codec import Status as McuStatus
 from tabletd.mcu.pty import start_sim_mcu, stop_sim_mcu
-from tabletd.media.frames import MediaFrame, encode_frame
+from tabletd.media.frames import MediaFrame, Stream, encode_frame
 from tabletd.media.uplink import UplinkQueue
 from tabletd.persistence import StateFile
 from tabletd.power import CriticalChanged, PowerMonitor, PowerRecord, Shutdown
@@ -668,6 +668,7 @@ class Daemon:
     def _media_off(self) -> None:
         if self.status_server is not None:
             self.status_server.media.clear()
+            self.status_server.own.clear()
         if self.link is not None:
             self.link.uplink.clear()
             self.link.uplink.set_deadline(0)  # everything is "after the deadline" until on
@@ -689,6 +690,8 @@ class Daemon:
         if self.link is None or not self.media_allowed():
             return  # produced after the cut (or before the loop heard of it): dropped
         self.link.push_media(frame)
+        if frame.stream is Stream.VIDEO and self.status_server is not None:
+            self.status_server.own.publish(encode_frame(frame))  # the screen's own preview
         if self.link.uplink.want_keyframe and self._camera is not None:
             self._camera.request_keyframe()
             self.link.uplink.keyframe_requested()

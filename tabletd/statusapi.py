@@ -29,6 +29,7 @@ from tabletd import ui
 STATUS_PATH = "/v1/status"
 STREAM_PATH = "/v1/status/stream"
 MEDIA_PATH = "/v1/media/stream"
+SELF_PATH = "/v1/media/self"  # the tablet's own camera, for the screen's small preview
 UI_PREFIX = "/ui/"
 # The page may talk to its own origin only (websockets included: CSP 3 'self' matches ws:).
 UI_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
@@ -131,6 +132,7 @@ class StatusServer:
                  media: MediaHub | None = None) -> None:
         self.hub = hub
         self.media = media or MediaHub()
+        self.own = MediaHub()
         self.host = host
         self.port = port
         self._server: Server | None = None
@@ -154,7 +156,7 @@ class StatusServer:
 
     def _route(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
-        if path in (STREAM_PATH, MEDIA_PATH):
+        if path in (STREAM_PATH, MEDIA_PATH, SELF_PATH):
             return None  # go on with the websocket handshake
         if path == STATUS_PATH:
             if request.headers.get("Upgrade"):
@@ -168,15 +170,17 @@ class StatusServer:
             return _asset_response(asset)
         return _json_response(HTTPStatus.NOT_FOUND,
                               {"error": f"no such path {path!r}",
-                               "paths": [STATUS_PATH, STREAM_PATH, MEDIA_PATH]})
+                               "paths": [STATUS_PATH, STREAM_PATH, MEDIA_PATH, SELF_PATH]})
 
     async def _connection(self, ws: ServerConnection) -> None:
         """Serve one websocket until it closes. Its work waits on the hub or the media queue,
         not on the socket, so it is raced against the close: a client that goes, or the
         server closing at the daemon's stop, ends the handler at once (``Server.wait_closed``
         waits for every handler)."""
-        if ws.request is not None and ws.request.path.split("?", 1)[0] == MEDIA_PATH:
-            work = asyncio.create_task(self._media(ws))
+        path = "" if ws.request is None else ws.request.path.split("?", 1)[0]
+        if path in (MEDIA_PATH, SELF_PATH):
+            work = asyncio.create_task(self._media(ws, self.media if path == MEDIA_PATH
+                                                   else self.own))
         else:
             work = asyncio.create_task(self._stream(ws))
         closed = asyncio.create_task(ws.wait_closed())
@@ -188,14 +192,14 @@ class StatusServer:
             with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
                 await work
 
-    async def _media(self, ws: ServerConnection) -> None:
+    async def _media(self, ws: ServerConnection, hub: MediaHub) -> None:
         """Binary frames in the format of ``docs/protocol.md`` section 6.1, as received."""
-        q = self.media.subscribe()
+        q = hub.subscribe()
         try:
             while True:
                 await ws.send(await q.get())
         finally:
-            self.media.unsubscribe(q)
+            hub.unsubscribe(q)
 
     async def _stream(self, ws: ServerConnection) -> None:
         last = None

@@ -51,7 +51,20 @@ async def test_a_call_is_recorded_and_nothing_is_sent_after_the_deadline(
                 downlink.append(frame.stream)
     assert Stream.VIDEO in downlink
 
+    # the tablet's own camera reaches the screen's preview: video only (never its own sound)
+    own: list[int] = []
+    async with connect(f"ws://127.0.0.1:{port}/v1/media/self") as ws:
+        async with asyncio.timeout(5):
+            while len(own) < 10:
+                own.append(decode_frame(await ws.recv()).stream)  # type: ignore[arg-type]
+    assert set(own) == {Stream.VIDEO}
+
     await wait_for(lambda: d.machine.state is State.ENDED, within=8)
+    # after the cut the preview is silent: nothing is published outside a live call
+    async with connect(f"ws://127.0.0.1:{port}/v1/media/self") as ws:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await ws.recv()
     sent_at_end = d.link.media_sent
     await asyncio.sleep(0.5)  # the camera's own teardown runs after the cut
     assert d.link.media_sent == sent_at_end, "media sent after the call ended"

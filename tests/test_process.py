@@ -177,4 +177,5 @@ def test_status_api_get_and_push(daemon, config: Path) -> None:  # type: ignore[
     with pytest.raises(urllib.error.HTTPError) as exc:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/nothing", timeout=5)
     assert exc.value.code == 404
-    assert json.load(exc.value)["paths"] == ["/v1/status", "/v1/status/stream", "/v1/media/stream"]
+    assert json.load(exc.value)["paths"] == [
+        "/v1/status", "/v1/status/stream", "/v1/media/stream", "/v1/media/self"]

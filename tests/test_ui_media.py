@@ -1,6 +1,7 @@
 """The screen during a real call: the relative's H.264 video and Opus sound from the reference
-server's downlink, decoded by chromium's WebCodecs, through the daemon over real mutual TLS;
-stopped at the cut, with the ended screen shown within 250 ms of it (issue 6, items 2 and 5)."""
+server's downlink, decoded by chromium's WebCodecs, through the daemon over real mutual TLS,
+and the tablet's own camera in the small preview; stopped at the cut, with the ended screen
+shown within 250 ms of it (issue 6, items 1, 2 and 5)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,17 @@ async def test_live_call_plays_the_relative_and_stops_at_the_cut(
     await page_wait(page, "document.body.dataset.screen === 'live'")
     await page_wait(page, "window.tabletd.stats.videoFramesDrawn >= 10", within=4)
     await page_wait(page, "window.tabletd.stats.audioChunksDecoded >= 25", within=4)
+    await page_wait(page, "window.tabletd.stats.selfFramesDrawn >= 5", within=4)
+    # the own preview shows the simulated camera's picture, not an empty box
+    own = await page.evaluate("""() => {
+        const c = document.getElementById('self-video');
+        const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let lit = 0;
+        for (let i = 0; i < px.length; i += 4 * 97) lit += px[i] + px[i + 1] + px[i + 2] > 60;
+        return {w: c.width, h: c.height, lit};
+    }""")
+    assert own["w"] == cfg.media.width and own["h"] == cfg.media.height, own
+    assert own["lit"] > 0, own
     text = await page.evaluate("document.body.innerText")
     assert TEXTS["en"]["live_remaining"] in text  # English, from [ui] language
     await check_fits(page, "live with video")
@@ -80,9 +92,10 @@ async def test_live_call_plays_the_relative_and_stops_at_the_cut(
     assert s["lastFrameAt"] <= s["mediaStoppedAt"], "a frame drawn after the cut"
     assert s["decodeErrors"] == 0
     assert await page.is_hidden("#remote")
-    drawn = s["videoFramesDrawn"]
+    drawn, own_drawn = s["videoFramesDrawn"], s["selfFramesDrawn"]
     await asyncio.sleep(0.5)  # frames still in flight must not be drawn
-    assert (await stats(page))["videoFramesDrawn"] == drawn
+    after = await stats(page)
+    assert (after["videoFramesDrawn"], after["selfFramesDrawn"]) == (drawn, own_drawn)
     text = await page.evaluate("document.body.innerText")
     assert TEXTS["en"]["ended_title"] in text and TEXTS["en"]["reason_deadline"] in text
     await page.screenshot(path=artifacts() / "ended-after-video-en-1280x800.png")

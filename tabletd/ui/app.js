@@ -14,6 +14,7 @@
   const texts = {};
   const stats = {
     statusMessages: 0, videoChunks: 0, videoFramesDrawn: 0, audioChunksDecoded: 0,
+    selfFramesDrawn: 0,   // the tablet's own camera, in the small preview
     decodeErrors: 0, lastFrameAt: null, mediaOpen: false, mediaStoppedAt: null,
     screensShown: 0, shown: [],   // the last 100 screens shown: {screen, at (epoch ms), n}
   };
@@ -211,16 +212,21 @@
     return null;
   }
 
-  function drawFrame(gen, frame) {
+  // A video sink: a canvas and the decoder feeding it (the relative, or the own preview).
+  function drawFrame(gen, sink, frame) {
     if (gen !== generation || !media) { frame.close(); return; }
-    const canvas = $("remote");
+    const canvas = $(sink.canvas);
     if (canvas.width !== frame.displayWidth) canvas.width = frame.displayWidth;
     if (canvas.height !== frame.displayHeight) canvas.height = frame.displayHeight;
     canvas.getContext("2d").drawImage(frame, 0, 0);
     frame.close();
-    stats.videoFramesDrawn += 1;
     stats.lastFrameAt = performance.now();
-    $("remote-waiting").hidden = true;
+    if (sink.canvas === "remote") {
+      stats.videoFramesDrawn += 1;
+      $("remote-waiting").hidden = true;
+    } else {
+      stats.selfFramesDrawn += 1;
+    }
   }
 
   function playAudio(gen, data) {
@@ -240,23 +246,22 @@
     stats.audioChunksDecoded += 1;
   }
 
-  function onVideo(frame) {
-    const m = media;
-    if (m.video === null || m.video.state === "closed") {
+  function onVideo(sink, frame) {
+    if (sink.decoder === null || sink.decoder.state === "closed") {
       if (!frame.key) return;                  // decode starts at a keyframe
       const codec = avcCodec(frame.payload);
       if (codec === null) return;
       const gen = generation;
-      m.video = new VideoDecoder({
-        output: (f) => drawFrame(gen, f),
+      sink.decoder = new VideoDecoder({
+        output: (f) => drawFrame(gen, sink, f),
         error: () => { stats.decodeErrors += 1; },
       });
-      m.video.configure({ codec, optimizeForLatency: true });
-    } else if (m.video.decodeQueueSize > MAX_DECODE_QUEUE) {
-      m.video.close();                          // too far behind: restart at the next keyframe
+      sink.decoder.configure({ codec, optimizeForLatency: true });
+    } else if (sink.decoder.decodeQueueSize > MAX_DECODE_QUEUE) {
+      sink.decoder.close();                     // too far behind: restart at the next keyframe
       return;
     }
-    m.video.decode(new EncodedVideoChunk({
+    sink.decoder.decode(new EncodedVideoChunk({
       type: frame.key ? "key" : "delta", timestamp: frame.captureUs, data: frame.payload,
     }));
     stats.videoChunks += 1;
@@ -270,22 +275,25 @@
     }));
   }
 
-  function openMediaSocket() {
+  // /v1/media/stream: the relative's video and sound; /v1/media/self: the tablet's own
+  // camera (video only, never played back: no echo). Both only while the call is live.
+  function openMediaSocket(path, sink, withAudio) {
     const gen = generation;
-    const ws = new WebSocket(`ws://${location.host}/v1/media/stream`);
+    const ws = new WebSocket(`ws://${location.host}${path}`);
     ws.binaryType = "arraybuffer";
     ws.onmessage = (ev) => {
       if (gen !== generation || !media) return;
       const frame = parseFrame(ev.data);
       try {
-        if (frame.stream === 0) onVideo(frame); else if (frame.stream === 1) onAudio(frame);
+        if (frame.stream === 0) onVideo(sink, frame);
+        else if (frame.stream === 1 && withAudio) onAudio(frame);
       } catch (err) {
         stats.decodeErrors += 1;
       }
     };
     ws.onclose = () => {
       if (gen === generation && media) setTimeout(() => {
-        if (gen === generation && media) media.ws = openMediaSocket();
+        if (gen === generation && media) sink.ws = openMediaSocket(path, sink, withAudio);
       }, RECONNECT_MS);
     };
     return ws;
@@ -300,8 +308,13 @@
       error: () => { stats.decodeErrors += 1; },
     });
     audio.configure({ codec: "opus", sampleRate: 48_000, numberOfChannels: 1 });
-    media = { ws: null, video: null, audio, audioCtx, audioAt: 0 };
-    media.ws = openMediaSocket();
+    media = {
+      remote: { ws: null, decoder: null, canvas: "remote" },
+      own: { ws: null, decoder: null, canvas: "self-video" },
+      audio, audioCtx, audioAt: 0,
+    };
+    media.remote.ws = openMediaSocket("/v1/media/stream", media.remote, true);
+    media.own.ws = openMediaSocket("/v1/media/self", media.own, false);
     $("remote-waiting").hidden = false;
     stats.mediaOpen = true;
   }
@@ -312,14 +325,18 @@
     const m = media;
     media = null;
     generation += 1;
-    m.ws.onclose = null;
-    m.ws.close();
-    for (const codec of [m.video, m.audio]) {
+    for (const sink of [m.remote, m.own]) {
+      sink.ws.onclose = null;
+      sink.ws.close();
+    }
+    for (const codec of [m.remote.decoder, m.own.decoder, m.audio]) {
       if (codec && codec.state !== "closed") codec.close();
     }
     m.audioCtx.close();
-    const canvas = $("remote");
-    canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+    for (const id of ["remote", "self-video"]) {
+      const canvas = $(id);
+      canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+    }
     stats.mediaOpen = false;
     stats.mediaStoppedAt = performance.now();
   }
