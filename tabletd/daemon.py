@@ -188,8 +188,7 @@ class Daemon:
         self._mcu_status: McuStatus | None = None
         self._sim_mcu: subprocess.Popen[bytes] | None = None
         self.power = PowerMonitor(cfg.power)
-        self._power_off: asyncio.Task[None] | None = None
-        self.power_off_reason: str | None = None
+        self._power_off: asyncio.Task[None] | None = None  # the one orderly power-off
         self._verifier: GrantVerifier | None = None
         self._nonces: NonceStore | None = None
         self._mapping: ClockMapping | None = None
@@ -579,6 +578,7 @@ class Daemon:
             elif isinstance(action, Shutdown) and self._power_off is None:
                 self._power_off = asyncio.create_task(self._orderly_power_off(action.pct),
                                                       name="power-off")
+                self._power_off.add_done_callback(_report_power_off_crash)
         if self.hub is not None:
             self.hub.changed()
 
@@ -596,7 +596,6 @@ class Daemon:
         storage: a brown-out mid-write is what this avoids)."""
         cfg = self.cfg.power
         assert self.store is not None
-        self.power_off_reason = "low_battery"
         log.critical("battery critical (%d %%): powering off", pct,
                      extra={"EVENT": "power_off"})
         self._record("power_off", {"reason": "low_battery", "pct": pct,
@@ -788,7 +787,7 @@ class Daemon:
                 "temperature_c": s.temperature_dc / 10, "rail_measured": s.rail_measured,
                 "lease_remaining_ms": s.lease_remaining_ms, "dock_bay": _bay(s.dock_bay),
                 "battery_low": self.power.low, "battery_critical": self.power.critical,
-                "power_off": self.power_off_reason}
+                "power_off": None if self._power_off is None else "low_battery"}
 
     def _outbox_status(self) -> dict[str, Any]:
         """Undelivered events; ``calls_refused`` says why no call can be booked (invariant 6:
@@ -828,6 +827,15 @@ class Daemon:
 
 class _Stopped(Exception):
     """Raised inside the TaskGroup to end it on SIGTERM."""
+
+
+def _report_power_off_crash(task: asyncio.Task[None]) -> None:
+    """The power-off task is not in the task group (it must not stop the daemon): an
+    unexpected error in it is logged at once, not lost until garbage collection. The MCU's
+    POWER_OFF, if it was sent, still cuts the power."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("orderly power-off failed: %r", exc, exc_info=exc,
+                  extra={"EVENT": "power_off_failed"})
 
 
 def _bay(bay: int) -> str | None:

@@ -672,7 +672,7 @@ _V4L2_CID_MPEG_VIDEO_FORCE_KEY_FRAME = 0x009909E5
 def _make_output_class(base: Any) -> Any:
     """A picamera2 Output subclass that hands each encoded frame to ``handler``."""
 
-    class _HandOver(base):  # type: ignore[misc]
+    class _HandOver(base):  # type: ignore[misc]  # base is picamera2's Output, untyped (Any)
         def __init__(self, handler: Callable[[bytes, bool, int | None], None]) -> None:
             super().__init__()
             self._handler = handler
