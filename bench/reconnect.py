@@ -2,8 +2,9 @@
 
 Run from the repository root, with the project installed::
 
-    python bench/reconnect.py             # defaults: 500 clients, server down 2 s
-    python bench/reconnect.py --help      # clients, outage, backoff, baselines, seed
+    python bench/reconnect.py             # defaults: 500 clients, server down 2 s, planned
+                                          # restart then crash
+    python bench/reconnect.py --help      # clients, outage, restarts, hints, backoff, seed
 
 What it measures (docs/protocol.md section 1; issue 3, item 8)
 --------------------------------------------------------------
@@ -17,12 +18,20 @@ certificates per run: the setup time is printed) and connects over real mutual T
 loopback to one :class:`tabletd.devserver.server.DevServer`, which runs in a separate process
 (so the server's TLS and SQLite work use the second core, not the clients' event loop).
 
-Once every client is connected, the server is stopped (``DevServer.stop``: every connection
-is closed, 1001) and, ``--down-s`` (2 s) after the stop began, a new server is started on
-the same port. Every attempt is recorded twice: *scheduled* - the instant the backoff asked
-for (``now + delay``, recorded by a wrapper around the policy's ``next_delay``) - and
-*started* - ``time.monotonic()`` when :meth:`LinkClient._connection` is entered (a subclass
-that only records; exactly once per ``attempts += 1``, checked). A reconnection is the
+Once every client is connected, the server goes down, in one of two ways (``--restart``,
+both by default, planned first):
+
+* *planned*: ``DevServer.stop(restart_in_s=H)``, a restart as docs/protocol.md section 1 says
+  a server should stop: every connection closed with 1012 and ``retry_after=N``, N from
+  ``--hint-s`` H (default: ``--down-s`` rounded up) spread at ``--readmit-per-s`` (100)
+  tablets a second;
+* *crash*: ``DevServer.abort()``: every connection reset, no close frame, no hint;
+
+and, ``--down-s`` (2 s) after it began, a new server is started on the same port. Every
+attempt is recorded twice: *scheduled* - the instant the backoff asked for (``now + delay``,
+recorded by a wrapper around the policy's ``next_delay``) - and *started* -
+``time.monotonic()`` when :meth:`LinkClient._connection` is entered (a subclass that only
+records; exactly once per ``attempts += 1``, checked). A reconnection is the
 ``link_changed(True)`` that follows the ``welcome``. All instants are CLOCK_MONOTONIC, which
 both processes share. One process plays 500 tablets, and each attempt costs it a few ms of
 CPU (the link builds a new TLS context per attempt, websockets reads the proxy environment,
@@ -38,7 +47,11 @@ client's measured drop instant, refusals and connections instantaneous).
 * **attempt rate**, per series, over the *episode* (from the moment the server began to stop
   to the last reconnection): the mean rate (attempts / episode length), the peak rate in any
   sliding 1 s window and in any sliding 100 ms window (count / width). Target (issue 3,
-  item 8): peak (1 s window) <= 3 x mean, "no storm", judged on the *scheduled* series;
+  item 8): peak (1 s window) <= 3 x mean, "no storm", judged on the *scheduled* series of
+  the planned restart (of the crash when only that ran). A crash is printed, not judged: with
+  no hint, every tablet's first attempt falls in ``[0, base]`` after the loss, so the busiest
+  second holds the whole fleet and peak/mean is about the episode's length / 1 s whatever
+  the policy; there, read the 100 ms peak against the naive policies';
 * **burstiness**: peak rate in 100 ms windows / peak rate in 1 s windows. 1 means the busiest
   second is evenly filled; 10 means the whole busiest second happened within 100 ms, that
   is, the clients retried in lockstep. Not a target, an aid to reading the ratios;
@@ -126,6 +139,10 @@ SHAPE_BIN_S = 0.5
 CONNECT_TIMEOUT_S = 90.0
 BARS = " ▁▂▃▄▅▆▇█"
 
+RESTARTS = {
+    "planned": "planned restart: close 1012, each tablet told retry_after (protocol section 1)",
+    "crash": "crash: every connection reset, no close frame, no hint",
+}
 POLICIES = {
     "jitter": "full jitter (real)",
     "fixed": "naive: fixed, no jitter",
@@ -136,17 +153,18 @@ POLICIES = {
 # ---- the server, in its own process -------------------------------------------------------
 
 
-def server_process(directory: str, clients: int, conn: Connection) -> None:
+def server_process(directory: str, clients: int, readmit_per_s: float, conn: Connection
+                   ) -> None:
     """The reference server, driven over ``conn``. Replies are (kind, ...) tuples."""
     logging.basicConfig(level=logging.WARNING, format="server: %(levelname)s %(message)s")
     try:
-        asyncio.run(_serve(Path(directory), clients, conn))
+        asyncio.run(_serve(Path(directory), clients, readmit_per_s, conn))
     finally:
         conn.close()
 
 
-async def _serve(directory: Path, clients: int, conn: Connection) -> None:
-    server = DevServer(directory, port=0)
+async def _serve(directory: Path, clients: int, readmit_per_s: float, conn: Connection) -> None:
+    server = DevServer(directory, port=0, readmit_per_s=readmit_per_s)
     await server.start()
     port = server.port
     conn.send(("listening", port, time.monotonic()))
@@ -154,12 +172,16 @@ async def _serve(directory: Path, clients: int, conn: Connection) -> None:
     while True:
         cmd: tuple[Any, ...] = await asyncio.to_thread(conn.recv)
         if cmd[0] == "bounce":
-            down_s = float(cmd[1])
+            down_s, restart, hint_s = float(cmd[1]), str(cmd[2]), int(cmd[3])
             t_drop = time.monotonic()
-            await server.stop()
+            if restart == "planned":  # 1012, each tablet told when to come back
+                await server.stop(restart_in_s=hint_s)
+            else:  # "crash": connections reset, no close frame, no hint
+                await server.abort()
             t_stopped = time.monotonic()
             await asyncio.sleep(max(0.0, t_drop + down_s - time.monotonic()))
-            server = DevServer(directory, port=port)  # a restarted server: same address
+            # a restarted server: same address
+            server = DevServer(directory, port=port, readmit_per_s=readmit_per_s)
             await server.start()
             conn.send(("bounced", t_drop, t_stopped, time.monotonic()))
         elif cmd[0] == "connected":
@@ -234,16 +256,19 @@ class ExponentialBackoff(Backoff):
 
 class RecordedBackoff(Backoff):
     """Delegates to a policy (the real :class:`Backoff` or a naive one) and records, for each
-    delay it hands out, the instant the next attempt is scheduled for (now + delay)."""
+    delay it hands out, the instant the next attempt is scheduled for (now + delay) and the
+    server's hint it was asked with."""
 
     def __init__(self, inner: Backoff) -> None:
         super().__init__(inner.base_s, inner.cap_s, inner.rng)
         self.inner = inner
         self.scheduled: list[float] = []
+        self.hints: list[float | None] = []
 
     def next_delay(self, retry_after_s: float | None = None) -> float:
         delay = self.inner.next_delay(retry_after_s)
         self.scheduled.append(time.monotonic() + delay)
+        self.hints.append(retry_after_s)
         return delay
 
     def reset(self) -> None:
@@ -394,6 +419,7 @@ def rates(times: Sequence[float], start: float, end: float) -> Rates:
 
 @dataclass
 class Episode:
+    restart: str  # "planned" or "crash"
     policy: str
     reconnected: int
     clients: int
@@ -419,21 +445,23 @@ class Episode:
     tasks_after: int
     server_connected: int
     loop_lag_max_ms: float
+    hints: dict[str, float]  # the server's retry_after hints (planned restart)
     attempt_count_consistent: bool
 
 
 def model(policy: str, base_s: float, cap_s: float, seed: str, *, drops: Sequence[float],
-          restart: float) -> tuple[list[float], list[float]]:
+          hints: Sequence[float | None], restart: float) -> tuple[list[float], list[float]]:
     """The policy alone, with instant refusals and instant connections: each client from its
-    measured drop instant, same seeds, draws until an attempt falls after the restart.
-    Returns (attempt instants, reconnection instants)."""
+    measured drop instant, with the hint it was given, same seeds, draws until an attempt
+    falls after the restart. Returns (attempt instants, reconnection instants)."""
     attempts: list[float] = []
     welcomes: list[float] = []
-    for i, dropped in enumerate(drops):
+    for i, (dropped, hint) in enumerate(zip(drops, hints, strict=True)):
         backoff = make_backoff(policy, base_s, cap_s, random.Random(f"{seed}-{policy}-{i}"))
-        t = dropped
+        t, given = dropped, hint
         while True:
-            t += backoff.next_delay()
+            t += backoff.next_delay(given)
+            given = None  # the hint came with the close; a refused attempt carries none
             attempts.append(t)
             if t >= restart:
                 welcomes.append(t)
@@ -455,8 +483,9 @@ async def wait_until(pred: Any, within: float, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
-async def run_episode(fleet: Fleet, conn: Connection, policy: str, args: argparse.Namespace, *,
-                      failures: FailureCounter, lag: LagMonitor) -> Episode:
+async def run_episode(fleet: Fleet, conn: Connection, restart: str, policy: str,
+                      args: argparse.Namespace, *, failures: FailureCounter, lag: LagMonitor
+                      ) -> Episode:
     n = len(fleet.clients)
     await wait_until(fleet.all_connected, CONNECT_TIMEOUT_S, "every client to be connected")
     base = args.base_s if policy == "jitter" else args.naive_base_s
@@ -473,7 +502,8 @@ async def run_episode(fleet: Fleet, conn: Connection, policy: str, args: argpars
     failures.counts.clear()
     lag.start()
 
-    _, t_drop, t_stopped, t_restart = await ask(conn, "bounce", args.down_s)
+    _, t_drop, t_stopped, t_restart = await ask(conn, "bounce", args.down_s, restart,
+                                                args.hint_s)
 
     def back() -> bool:
         return all(len(h.ups) > ups_before[i] for i, h in enumerate(fleet.hosts))
@@ -493,8 +523,9 @@ async def run_episode(fleet: Fleet, conn: Connection, policy: str, args: argpars
     t_end = max(welcomes.values(), default=t_restart) if len(welcomes) == n else time.monotonic()
     drop_at = [h.downs[downs_before[i]] if len(h.downs) > downs_before[i] else t_drop
                for i, h in enumerate(fleet.hosts)]
+    first_hints = [b.hints[0] if b.hints else None for b in backoffs]
     model_attempts, model_welcomes = model(policy, base, args.cap_s, args.seed,
-                                           drops=drop_at, restart=t_restart)
+                                           drops=drop_at, hints=first_hints, restart=t_restart)
     model_end = max(model_welcomes)
     await asyncio.sleep(0.5)
     _, server_connected = await ask(conn, "connected")
@@ -503,8 +534,9 @@ async def run_episode(fleet: Fleet, conn: Connection, policy: str, args: argpars
     per_client = [c.attempts - start_attempts[i] for i, c in enumerate(fleet.clients)]
     consistent = all(len(c.attempt_times) == per_client[i] == len(backoffs[i].scheduled)
                      for i, c in enumerate(fleet.clients))
+    given = [h for h in first_hints if h is not None]
     return Episode(
-        policy=policy, reconnected=len(welcomes), clients=n,
+        restart=restart, policy=policy, reconnected=len(welcomes), clients=n,
         reconnect_s=summary(reconnect), connect_s=summary(connect), late_s=summary(late),
         attempts_per_client_mean=round(statistics.fmean(per_client), 2),
         attempts_per_client_max=max(per_client),
@@ -520,7 +552,10 @@ async def run_episode(fleet: Fleet, conn: Connection, policy: str, args: argpars
         failures=dict(failures.counts.most_common()),
         fds_before=fds_before, fds_after=fds_after, tasks_before=tasks_before,
         tasks_after=tasks_after, server_connected=int(server_connected),
-        loop_lag_max_ms=round(lag.max_s * 1000, 1), attempt_count_consistent=consistent,
+        loop_lag_max_ms=round(lag.max_s * 1000, 1),
+        hints={"given": len(given), "min_s": min(given, default=float("nan")),
+               "max_s": max(given, default=float("nan"))},
+        attempt_count_consistent=consistent,
     )
 
 
@@ -580,14 +615,18 @@ def policy_label(policy: str, args: argparse.Namespace) -> str:
     return f"{POLICIES[policy]} {args.naive_base_s:g}->{args.cap_s:g} s"
 
 
+def episode_label(e: Episode, args: argparse.Namespace) -> str:
+    return f"{e.restart}: {policy_label(e.policy, args)}"
+
+
 def print_tables(episodes: list[Episode], args: argparse.Namespace) -> None:
-    w = 34
+    w = 43
     print()
     print(f"  {'policy':<{w}} {'back':>9}  {'p50 s':>6} {'p99 s':>6} {'max s':>6}"
           f"  {'connect p50/max s':>17}  {'late p50/max s':>14}  {'att/client':>10}")
     for e in episodes:
         r, c, lt = e.reconnect_s, e.connect_s, e.late_s
-        print(f"  {policy_label(e.policy, args):<{w}} {e.reconnected:>4}/{e.clients:<4}"
+        print(f"  {episode_label(e, args):<{w}} {e.reconnected:>4}/{e.clients:<4}"
               f"  {r['p50']:>6.2f} {r['p99']:>6.2f} {r['max']:>6.2f}"
               f"  {c['p50']:>8.2f}/{c['max']:<8.2f}  {lt['p50']:>6.2f}/{lt['max']:<7.2f}"
               f"  {e.attempts_per_client_mean:>5.2f} (<={e.attempts_per_client_max})")
@@ -605,7 +644,7 @@ def print_tables(episodes: list[Episode], args: argparse.Namespace) -> None:
     for e in episodes:
         for name, q in (("scheduled", e.scheduled), ("started", e.started),
                         ("model", e.model)):
-            label = policy_label(e.policy, args) if name == "scheduled" else ""
+            label = episode_label(e, args) if name == "scheduled" else ""
             print(f"  {label:<{w}} {name:<9} {q.attempts:>5} {q.mean_per_s:>7.1f}"
                   f" {q.peak_per_s:>9.0f} {q.peak_fine_per_s:>12.0f} {q.peak_over_mean:>12.2f}"
                   f" {q.peak_fine_over_mean:>6.2f} {q.burstiness:>6.2f}")
@@ -621,8 +660,8 @@ def print_tables(episodes: list[Episode], args: argparse.Namespace) -> None:
     for e in episodes:
         bins = e.scheduled.shape
         nums = " ".join(str(n) for n in bins[:30]) + (" ..." if len(bins) > 30 else "")
-        print(f"  {POLICIES[e.policy]:<24} {sparkline(bins, e.restart_bin)}")
-        print(f"  {'':<24} {nums}")
+        print(f"  {e.restart + ': ' + POLICIES[e.policy]:<33} {sparkline(bins, e.restart_bin)}")
+        print(f"  {'':<33} {nums}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -630,6 +669,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=500, help="tablets (default 500)")
     parser.add_argument("--down-s", type=float, default=2.0,
                         help="restart this long after the stop began (default 2)")
+    parser.add_argument("--restart", default="planned,crash",
+                        help="how the server goes down, comma-separated: planned (close 1012 "
+                             "with retry_after hints, protocol section 1), crash (connections "
+                             "reset, no hint) (default planned,crash)")
+    parser.add_argument("--hint-s", type=int, default=None,
+                        help="planned restart: the retry_after the server gives, before its "
+                             "spread (default: --down-s rounded up)")
+    parser.add_argument("--readmit-per-s", type=float, default=100.0,
+                        help="planned restart: tablets told to come back per second "
+                             "(default 100, the reference server's default)")
     parser.add_argument("--base-s", type=float, default=1.0,
                         help="real policy's backoff base (default 1, the real default)")
     parser.add_argument("--cap-s", type=float, default=60.0,
@@ -651,12 +700,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     for b in baselines:
         if b not in ("fixed", "exponential"):
             parser.error(f"--baselines: unknown policy {b!r}")
+    restarts = [r.strip() for r in args.restart.split(",")]
+    if not restarts or any(r not in RESTARTS for r in restarts):
+        parser.error(f"--restart: expected planned and/or crash, got {args.restart!r}")
+    if args.hint_s is None:
+        args.hint_s = math.ceil(args.down_s)
+    if not 0 <= args.hint_s <= 3600:
+        parser.error("--hint-s must be within 0..3600")
+    if not args.readmit_per_s > 0:
+        parser.error("--readmit-per-s must be > 0")
     limits = raise_fd_limit()
-    return asyncio.run(amain(args, baselines, limits))
+    return asyncio.run(amain(args, restarts, baselines, limits))
 
 
-async def amain(args: argparse.Namespace, baselines: list[str], limits: tuple[int, int]
-                ) -> int:
+async def amain(args: argparse.Namespace, restarts: list[str], baselines: list[str],
+                limits: tuple[int, int]) -> int:
     t_all = time.monotonic()
     n = args.clients
     scaled = (args.base_s, args.cap_s) != (1.0, 60.0)
@@ -667,6 +725,10 @@ async def amain(args: argparse.Namespace, baselines: list[str], limits: tuple[in
     print(f"real policy: full jitter, base {args.base_s:g} s, cap {args.cap_s:g} s"
           + (" (SCALED: not the real defaults 1 s / 60 s)" if scaled else
              " (the real defaults)") + f"; outage: restart {args.down_s:g} s after the stop")
+    for r in restarts:
+        extra = (f"; hints from {args.hint_s} s, {args.readmit_per_s:g} tablets a second"
+                 if r == "planned" else "")
+        print(f"  {RESTARTS[r]}{extra}")
 
     link_log = logging.getLogger("tabletd.link.client")
     failures = FailureCounter()
@@ -685,7 +747,8 @@ async def amain(args: argparse.Namespace, baselines: list[str], limits: tuple[in
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
         t0 = time.monotonic()
-        proc = ctx.Process(target=server_process, args=(str(srv), n, child),
+        proc = ctx.Process(target=server_process,
+                           args=(str(srv), n, args.readmit_per_s, child),
                            name="devserver", daemon=True)
         proc.start()
         child.close()
@@ -705,14 +768,19 @@ async def amain(args: argparse.Namespace, baselines: list[str], limits: tuple[in
               f"{fleet_s:.2f} s; all {n} connected {connect_s:.2f} s after starting them "
               f"together ({initial_attempts} attempts)")
         lag = LagMonitor()
-        for policy in ["jitter", *baselines]:
-            e = await run_episode(fleet, parent, policy, args, failures=failures, lag=lag)
-            episodes.append(e)
-            print(f"episode {policy_label(policy, args)}: stop took {e.stop_s:.2f} s, listening "
-                  f"again {e.down_s:.2f} s after the drop; {e.reconnected}/{n} back, episode "
-                  f"{e.episode_s:.1f} s; fds {e.fds_before}->{e.fds_after}, tasks "
-                  f"{e.tasks_before}->{e.tasks_after}, server sees {e.server_connected} "
-                  f"connected; failures {e.failures}")
+        for restart in restarts:
+            for policy in ["jitter", *baselines]:
+                e = await run_episode(fleet, parent, restart, policy, args, failures=failures,
+                                      lag=lag)
+                episodes.append(e)
+                hints = (f"hints {e.hints['given']} ({e.hints['min_s']:g}-{e.hints['max_s']:g}"
+                         " s)" if e.hints["given"] else "no hints")
+                print(f"episode {episode_label(e, args)}: stop took {e.stop_s:.2f} s, "
+                      f"listening again {e.down_s:.2f} s after the drop; {hints}; "
+                      f"{e.reconnected}/{n} back, episode {e.episode_s:.1f} s; fds "
+                      f"{e.fds_before}->{e.fds_after}, tasks {e.tasks_before}->"
+                      f"{e.tasks_after}, server sees {e.server_connected} connected; failures "
+                      f"{e.failures}")
     finally:
         if fleet is not None:
             for task in fleet.tasks:
@@ -731,23 +799,32 @@ async def amain(args: argparse.Namespace, baselines: list[str], limits: tuple[in
         shutil.rmtree(work, ignore_errors=True)
 
     print_tables(episodes, args)
-    real = episodes[0]
+    reals = {e.restart: e for e in episodes if e.policy == "jitter"}
+    judged = next(iter(reals.values()))  # the planned restart when it ran
     passes = {
-        "all_reconnected": real.reconnected == real.clients,
-        "peak_over_mean": real.scheduled.peak_over_mean <= TARGET_PEAK_OVER_MEAN,
+        "all_reconnected": all(e.reconnected == e.clients for e in reals.values()),
+        "peak_over_mean": judged.scheduled.peak_over_mean <= TARGET_PEAK_OVER_MEAN,
     }
     worst_lag = max(e.loop_lag_max_ms for e in episodes)
     print()
-    print(f"  real policy: {real.reconnected}/{real.clients} reconnected: "
-          f"{'PASS' if passes['all_reconnected'] else 'FAIL'}")
-    print(f"  real policy: scheduled attempts, peak {real.scheduled.peak_per_s:.0f}/s (busiest "
-          f"1 s) / mean {real.scheduled.mean_per_s:.1f}/s = {real.scheduled.peak_over_mean:.2f}:"
-          f" {'PASS' if passes['peak_over_mean'] else 'FAIL'} "
-          f"(target <= {TARGET_PEAK_OVER_MEAN:g}; as started: "
-          f"{real.started.peak_over_mean:.2f})")
-    ratios: dict[str, dict[str, float]] = {}
-    for e in episodes[1:]:
-        ratios[e.policy] = {
+    for real in reals.values():
+        print(f"  {real.restart}: real policy: {real.reconnected}/{real.clients} reconnected: "
+              f"{'PASS' if real.reconnected == real.clients else 'FAIL'}")
+        ok = real.scheduled.peak_over_mean <= TARGET_PEAK_OVER_MEAN
+        verdict = ("PASS" if ok else "FAIL") if real is judged else (
+            "not judged (no hint: every first attempt falls within the backoff base of the "
+            "loss; see the script's docstring)")
+        print(f"  {real.restart}: real policy: scheduled attempts, peak "
+              f"{real.scheduled.peak_per_s:.0f}/s (busiest 1 s) / mean "
+              f"{real.scheduled.mean_per_s:.1f}/s = {real.scheduled.peak_over_mean:.2f}: "
+              f"{verdict} (target <= {TARGET_PEAK_OVER_MEAN:g}; as started: "
+              f"{real.started.peak_over_mean:.2f})")
+    ratios: dict[str, dict[str, dict[str, float]]] = {}
+    for e in episodes:
+        real = reals[e.restart]
+        if e is real:
+            continue
+        rr = ratios.setdefault(e.restart, {})[e.policy] = {
             "peak_per_s_1s": round(real.scheduled.peak_per_s / e.scheduled.peak_per_s, 3),
             "peak_per_s_100ms": round(real.scheduled.peak_fine_per_s
                                       / e.scheduled.peak_fine_per_s, 3),
@@ -757,8 +834,7 @@ async def amain(args: argparse.Namespace, baselines: list[str], limits: tuple[in
             "reconnect_p99_s": round(real.reconnect_s["p99"] / e.reconnect_s["p99"], 3)
             if e.reconnect_s["p99"] else float("nan"),
         }
-        rr = ratios[e.policy]
-        print(f"  real / {POLICIES[e.policy]} (scheduled): peak 100 ms "
+        print(f"  {e.restart}: real / {POLICIES[e.policy]} (scheduled): peak 100 ms "
               f"{rr['peak_per_s_100ms']:.2f}x, peak 1 s {rr['peak_per_s_1s']:.2f}x, "
               f"peak/mean {rr['peak_over_mean_1s']:.2f}x, burstiness {rr['burstiness']:.2f}x;"
               f" p99 reconnect {rr['reconnect_p99_s']:.2f}x")
@@ -769,8 +845,9 @@ async def amain(args: argparse.Namespace, baselines: list[str], limits: tuple[in
     elapsed = time.monotonic() - t_all
     print(f"\ntotal {elapsed:.1f} s; overall: {'PASS' if all(passes.values()) else 'FAIL'}")
     out = {
-        "episodes": {e.policy: {
-            "label": policy_label(e.policy, args),
+        "episodes": {restart: {e.policy: {
+            "label": episode_label(e, args),
+            "hints": e.hints,
             "reconnected": e.reconnected,
             "reconnect_s": e.reconnect_s,
             "connect_s": e.connect_s,
@@ -792,13 +869,17 @@ async def amain(args: argparse.Namespace, baselines: list[str], limits: tuple[in
             "server_connected_after": e.server_connected,
             "loop_lag_max_ms": e.loop_lag_max_ms,
             "attempt_count_consistent": e.attempt_count_consistent,
-        } for e in episodes},
+        } for e in episodes if e.restart == restart} for restart in restarts},
         "real_over_naive": ratios,
-        "targets": {"peak_over_mean_1s_max": TARGET_PEAK_OVER_MEAN, "reconnected": n},
+        "targets": {"peak_over_mean_1s_max": TARGET_PEAK_OVER_MEAN, "reconnected": n,
+                    "judged_on": judged.restart},
         "pass": {**passes, "all": all(passes.values())},
         "runs": {
             "clients": n,
             "down_s": args.down_s,
+            "restarts": restarts,
+            "hint_s": args.hint_s,
+            "readmit_per_s": args.readmit_per_s,
             "base_s": args.base_s,
             "cap_s": args.cap_s,
             "scaled": scaled,

@@ -148,10 +148,15 @@ def cmd_provisioning_file(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from tabletd.devserver.server import DevServer
 
+    if args.restart_in is not None and not 0 <= args.restart_in <= 3600:
+        raise DevServerError(f"--restart-in must be within 0..3600 s, got {args.restart_in}")
+    if not args.readmit_per_s > 0:
+        raise DevServerError(f"--readmit-per-s must be > 0, got {args.readmit_per_s:g}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     server = DevServer(Path(args.dir), host=args.host, port=args.port,
                        clock_offset_ms=args.clock_offset_ms, downlink=args.downlink,
-                       enrol_port=None if args.enrol_port == 0 else args.enrol_port)
+                       enrol_port=None if args.enrol_port == 0 else args.enrol_port,
+                       readmit_per_s=args.readmit_per_s)
 
     async def run() -> None:
         await server.start()
@@ -167,7 +172,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except asyncio.CancelledError:
             log.info("SIGTERM: stopping")
         finally:
-            await server.stop()
+            await server.stop(restart_in_s=args.restart_in)
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
@@ -275,15 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("device_id", metavar="DEVICE_ID")
     p.set_defaults(func=cmd_device_add)
 
-    p = sub.add_parser("serve", help=f"run the server ({BANNER})")
-    p.add_argument("dir", metavar="DIR")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8443)
-    p.add_argument("--clock-offset-ms", type=int, default=0, metavar="N",
-                   help="skew the server clock by N ms (e.g. 3600000: an hour ahead)")
-    p.add_argument("--downlink", action="store_true",
-                   help="send a synthetic family stream (H.264 640x360 15 fps, Opus tone) "
-                        "to a tablet while its call is live")
+    p = _add_serve_command(sub)
     _add_enrolment_commands(sub, serve=p)
 
     p = sub.add_parser("book", help="book a call; prints its session id")
@@ -328,6 +325,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", metavar="D")
     p.set_defaults(func=cmd_bookings)
     return parser
+
+
+def _add_serve_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
+                       ) -> argparse.ArgumentParser:
+    p = sub.add_parser("serve", help=f"run the server ({BANNER})")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8443)
+    p.add_argument("--clock-offset-ms", type=int, default=0, metavar="N",
+                   help="skew the server clock by N ms (e.g. 3600000: an hour ahead)")
+    p.add_argument("--downlink", action="store_true",
+                   help="send a synthetic family stream (H.264 640x360 15 fps, Opus tone) "
+                        "to a tablet while its call is live")
+    p.add_argument("--restart-in", type=int, default=None, metavar="SECONDS",
+                   help="this stop is a restart: tell the tablets (close 1012) to come back "
+                        "after SECONDS (0-3600), spread at --readmit-per-s; without it, close "
+                        "1001 and hints from 0")
+    p.add_argument("--readmit-per-s", type=float, default=100.0, metavar="N",
+                   help="on stop, tell at most N tablets per second to come back "
+                        "(default 100)")
+    return p
 
 
 def _add_enrolment_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], *,

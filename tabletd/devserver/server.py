@@ -118,6 +118,10 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 HELLO_TIMEOUT_S = 10.0
 MAX_ACK_IDS = messages.MAX_ACK_IDS  # section 3.2: an ack carries 1 to 1000 ids
 CLOSE_POLICY = 1008
+CLOSE_GOING_AWAY = 1001  # section 1: the server stops
+CLOSE_RESTART = 1012  # section 1: the server restarts (RFC 6455 registry: service restart)
+READMIT_PER_S = 100.0  # section 1: tablets told to come back per second when stopping
+MAX_RETRY_AFTER_S = messages.MAX_RETRY_AFTER_S  # section 1: retry_after=N, N in 0..3600
 
 
 def wall_clock_ms() -> int:
@@ -158,8 +162,12 @@ class DevServer:
     def __init__(self, directory: Path, host: str = "127.0.0.1", port: int = 0,
                  clock_offset_ms: int = 0, *, tick_s: float = 0.05,
                  wall_ms: Callable[[], int] = wall_clock_ms, downlink: bool = False,
-                 record: bool = True, enrol_port: int | None = None) -> None:
+                 record: bool = True, enrol_port: int | None = None,
+                 readmit_per_s: float = READMIT_PER_S) -> None:
+        if not readmit_per_s > 0:
+            raise DevServerError(f"readmit_per_s must be > 0, got {readmit_per_s!r}")
         self.directory = Path(directory)
+        self.readmit_per_s = readmit_per_s  # the spread of the reconnection hints on stop
         self.host = host
         self._port = port
         self._enrol_port = enrol_port  # None: no enrolment listener
@@ -236,16 +244,41 @@ class DevServer:
         log.info("reference server listening on %s:%d (clock offset %+d ms)", self.host,
                  self.port, self.clock_offset_ms)
 
-    async def stop(self) -> None:
-        """Close every connection (1001), stop the scheduler, close the store. Idempotent."""
+    def readmission_hints(self, restart_in_s: int = 0) -> list[tuple[_Connection, int]]:
+        """Each connected tablet and the ``retry_after`` it is told when the server stops
+        (protocol section 1): ``restart_in_s`` plus its place in the queue divided by
+        :attr:`readmit_per_s`, tablets in a live call first (their media is cut until they
+        are back). With the tablet's jitter on top, a fleet of any size returns at about
+        ``readmit_per_s`` a second instead of in one wave."""
+        queue = sorted(self._connections.values(), key=lambda c: c.session_state != "live")
+        return [(conn, min(MAX_RETRY_AFTER_S, restart_in_s + int(k / self.readmit_per_s)))
+                for k, conn in enumerate(queue)]
+
+    async def stop(self, *, restart_in_s: int | None = None) -> None:
+        """Stop accepting, tell every tablet when to come back and close its connection,
+        stop the scheduler, close the store. Idempotent.
+
+        Each tablet's close reason is ``retry_after=N`` from :meth:`readmission_hints`; the
+        code is 1012 (service restart) when ``restart_in_s`` says the server will be back
+        in that many seconds, else 1001 (going away, hints from 0)."""
         if self._scheduler is not None:
             self._scheduler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._scheduler
             self._scheduler = None
+        code = CLOSE_GOING_AWAY if restart_in_s is None else CLOSE_RESTART
+        base = max(0, min(MAX_RETRY_AFTER_S, restart_in_s or 0))
+        if self._server is not None:
+            self._server.server.close()  # no new connection while the fleet is told
+            hints = self.readmission_hints(base)
+            if hints:
+                log.info("stopping: %d tablets told to come back in %d to %d s", len(hints),
+                         hints[0][1], max(n for _, n in hints))
+            await asyncio.gather(*(conn.ws.close(code, f"retry_after={n}")
+                                   for conn, n in hints))
         for listener in (self._server, self._enrol_server):
-            if listener is not None:
-                listener.close()
+            if listener is not None:  # what is left: handshakes not yet welcomed
+                listener.close(code=code, reason=f"retry_after={base}")
                 await listener.wait_closed()
         self._server = self._enrol_server = None
         now = time.monotonic_ns()
@@ -264,6 +297,14 @@ class DevServer:
             if store is not None:
                 store.close()
         self._store = self._event_store = None
+
+    async def abort(self) -> None:
+        """Drop every tablet connection with no close frame, as a crash of the server would
+        (the tablets read a reset, and no hint), then :meth:`stop`. For testing and
+        measuring the tablets' own reconnection."""
+        for conn in list(self._connections.values()):
+            conn.ws.transport.abort()
+        await self.stop()
 
     async def __aenter__(self) -> DevServer:
         await self.start()

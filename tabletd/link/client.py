@@ -33,6 +33,7 @@ from tabletd.events import EventStore, StoredEvent
 from tabletd.link.backoff import Backoff
 from tabletd.link.grants import ClockMapping
 from tabletd.link.messages import (
+    MAX_RETRY_AFTER_S,
     Ack,
     EncodeError,
     ErrorMsg,
@@ -152,7 +153,8 @@ class LinkClient:
         if isinstance(exc, ConnectionClosed) and exc.rcvd is not None:
             m = _RETRY_AFTER.search(exc.rcvd.reason)
             if m:
-                self._retry_after = max(self._retry_after or 0.0, float(m.group(1)))
+                hint = min(float(m.group(1)), MAX_RETRY_AFTER_S)  # section 1: 0-3600
+                self._retry_after = max(self._retry_after or 0.0, hint)
 
     def outbox_changed(self) -> None:
         self._wake.set()
