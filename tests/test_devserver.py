@@ -452,7 +452,7 @@ async def test_ending_a_call_before_its_start_cancels_it(server: DevServer) -> N
 async def test_cli_serve_book_events(srv_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tabletd.devserver", "serve", str(srv_dir), "--port", "0",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        "--restart-in", "3", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     try:
         assert proc.stdout is not None
         async with asyncio.timeout(10):
@@ -478,6 +478,10 @@ async def test_cli_serve_book_events(srv_dir: Path, capsys: pytest.CaptureFixtur
             acked: set[str] = set()
             while len(acked) < 1:
                 acked |= set((await expect(ws, Ack)).ids)
+            proc.terminate()  # SIGTERM: a restart, the tablet told when to come back
+            async with asyncio.timeout(10):
+                await ws.wait_closed()
+            assert (ws.close_code, ws.close_reason) == (1012, "retry_after=3")
     finally:
         proc.terminate()
         await proc.wait()
@@ -495,3 +499,14 @@ def test_help_labels_the_reference_server(capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     assert "REFERENCE SERVER — development and tests only" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--restart-in", "3601"], "--restart-in must be within 0..3600 s, got 3601"),
+    (["--restart-in", "-1"], "--restart-in must be within 0..3600 s, got -1"),
+    (["--readmit-per-s", "0"], "--readmit-per-s must be > 0, got 0"),
+])
+def test_serve_refuses_bad_stop_options_by_name(srv_dir: Path, options: list[str], message: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["serve", str(srv_dir), "--port", "0", *options]) == 1
+    assert capsys.readouterr().err.strip() == f"tabletd-devserver: {message}"

@@ -160,17 +160,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         await server.start()
-        this = asyncio.current_task()
-        assert this is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, this.cancel)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # not a cancellation: that would close
+            loop.add_signal_handler(sig, stopping.set)  # with 1001 and no hint first
         enrolment = (f", enrolment on wss://{args.host}:{server.enrol_port}/"
                      if server.enrol_port is not None else ", no enrolment")
         print(f"{BANNER}\nlistening on wss://{args.host}:{server.port}/{enrolment} "
               f"(clock offset {args.clock_offset_ms:+d} ms); Ctrl-C stops", flush=True)
         try:
-            await server.serve_forever()
-        except asyncio.CancelledError:
-            log.info("SIGTERM: stopping")
+            await stopping.wait()
+            log.info("stopping%s", "" if args.restart_in is None
+                     else f" for a restart of about {args.restart_in} s")
         finally:
             await server.stop(restart_in_s=args.restart_in)
 

@@ -313,13 +313,6 @@ class DevServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def serve_forever(self) -> None:
-        """For the CLI: run until cancelled."""
-        if self._server is None:
-            await self.start()
-        assert self._server is not None
-        await self._server.serve_forever()
-
     def ssl_context(self, *, client_cert: bool = True) -> ssl.SSLContext:
         """Server TLS: the server identity, client certificates required from the dev CA
         (``client_cert=False``, for enrolment: none asked for)."""
