@@ -127,8 +127,11 @@ def registered(srv_dir: Path) -> Path:
     return srv_dir
 
 
-async def test_a_planned_restart_is_waited_out_then_the_tablet_is_back(
-        registered: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("planned", [True, False], ids=["planned", "crash"])
+async def test_a_restarted_server_gets_the_tablet_back(registered: Path, tmp_path: Path,
+                                                      planned: bool) -> None:
+    """Planned: told 1 s, the tablet waits it out, then one attempt. Crash: no hint, the
+    tablet retries on its jitter alone while the server is down."""
     server = DevServer(registered)
     await server.start()
     port = server.port
@@ -136,38 +139,23 @@ async def test_a_planned_restart_is_waited_out_then_the_tablet_is_back(
     async with running(client):
         await wait_for(lambda: host.ups)
         t_drop = time.monotonic()
-        await server.stop(restart_in_s=1)
+        if planned:
+            await server.stop(restart_in_s=1)
+        else:
+            await server.abort()
+            await wait_for(lambda: len(backoff.hints) >= 2)  # an attempt refused
         server = DevServer(registered, port=port)
-        await server.start()  # back at once: the tablet still waits the second it was told
+        await server.start()  # back at once: a planned one still waits the second it said
         try:
             await wait_for(lambda: len(host.ups) == 2)
             hints = list(backoff.hints)
         finally:
             await server.stop()
-    assert hints == [1.0]  # one attempt, after the hint
-    assert 1.0 <= host.ups[1] - t_drop < 1.0 + 0.2 + 2.0  # hint + jitter ceiling + connect
-
-
-async def test_a_crash_gives_no_hint_and_the_jitter_alone_brings_the_tablet_back(
-        registered: Path, tmp_path: Path) -> None:
-    server = DevServer(registered)
-    await server.start()
-    port = server.port
-    client, host, backoff = tablet(registered, f"wss://127.0.0.1:{port}/", tmp_path)
-    async with running(client):
-        await wait_for(lambda: host.ups)
-        await server.abort()
-        await wait_for(lambda: host.downs)
-        await asyncio.sleep(0.5)  # down long enough for refused attempts
-        assert len(backoff.hints) >= 2, "the tablet kept trying while the server was down"
-        server = DevServer(registered, port=port)
-        await server.start()
-        try:
-            await wait_for(lambda: len(host.ups) == 2)
-            hints = list(backoff.hints)
-        finally:
-            await server.stop()
-    assert hints == [None] * len(hints)
+    if planned:
+        assert hints == [1.0]  # one attempt, after the hint
+        assert 1.0 <= host.ups[1] - t_drop < 1.0 + 0.2 + 2.0  # hint + jitter ceiling + connect
+    else:
+        assert len(hints) >= 2 and hints == [None] * len(hints)
 
 
 @pytest.mark.parametrize(("reason", "expected"), [
