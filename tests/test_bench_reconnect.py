@@ -15,14 +15,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_small_fleet_planned_and_crash() -> None:
     run = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "reconnect.py"), "--clients", "20",
-         "--down-s", "0.5", "--baselines", "fixed", "--timeout", "60"],
+         "--down-s", "0.2", "--baselines", "fixed", "--timeout", "60"],
         cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
     assert run.returncode in (0, 1), run.stderr
     last = json.loads(run.stdout.strip().splitlines()[-1])
     assert last["targets"]["judged_on"] == "planned"
     planned, crash = last["episodes"]["planned"], last["episodes"]["crash"]
     assert planned["jitter"]["reconnected"] == crash["jitter"]["reconnected"] == 20
-    # told to come back after 1 s (0.5 rounded up), all 20 within the first second's slot
+    # told to come back after 1 s (0.2 rounded up), all 20 in the first second's slot
     assert planned["jitter"]["hints"] == {"given": 20, "min_s": 1.0, "max_s": 1.0}
     assert planned["jitter"]["attempts_per_client"] == {"mean": 1.0, "max": 1}
     assert crash["jitter"]["hints"]["given"] == 0

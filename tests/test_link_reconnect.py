@@ -29,11 +29,13 @@ from tabletd.link.client import LinkClient
 from tabletd.link.grants import ClockMapping
 from tabletd.link.messages import (
     ErrorMsg,
+    GrantMsg,
     Hello,
     OutboxSummary,
     ProtocolError,
     ServerMessage,
     SessionSummary,
+    Start,
     Welcome,
 )
 from tabletd.media.frames import MediaFrame
@@ -160,6 +162,8 @@ async def test_a_restarted_server_gets_the_tablet_back(registered: Path, tmp_pat
 
 @pytest.mark.parametrize(("reason", "expected"), [
     ("retry_after=9999", 3600.0),  # beyond the protocol's bound: clamped, not obeyed
+    ("retry_after=12345", 3600.0),  # every digit read, then clamped
+    ("going away, retry_after=0042", 42.0),
     ("retry_after=2", 2.0),
     ("maintenance", None),  # no hint
 ])
@@ -179,13 +183,15 @@ async def test_the_close_reason_hint_is_read_and_bounded(
     assert backoff.hints[:2] == [expected, expected]
 
 
-async def test_stopping_spreads_the_fleet_live_calls_first(registered: Path) -> None:
+@pytest.mark.parametrize(("restart_in_s", "code", "base"), [(7, 1012, 7), (None, 1001, 0)],
+                         ids=["restart", "stop"])
+async def test_stopping_spreads_the_fleet_live_calls_first(
+        registered: Path, restart_in_s: int | None, code: int, base: int) -> None:
     fleet = [f"tab-q{i}" for i in range(5)]
     with Store.open(registered) as store:
         for dev in fleet:
             ca.issue_device(registered, dev)
             store.add_device(dev, 0)
-    live = SessionSummary(id=str(uuid.uuid4()), state="live", remaining_ms=30_000)
     server = DevServer(registered, readmit_per_s=2)
     await server.start()
     async with contextlib.AsyncExitStack() as stack:
@@ -194,26 +200,40 @@ async def test_stopping_spreads_the_fleet_live_calls_first(registered: Path) -> 
             ws = await stack.enter_async_context(connect(
                 f"wss://localhost:{server.port}/", ssl=device_tls(registered, dev),
                 subprotocols=[Subprotocol("tabletd.v1")], open_timeout=5))
-            await ws.send(hello(dev, live if dev == "tab-q3" else None))
+            await ws.send(hello(dev))
             await expect(ws, Welcome)
             conns[dev] = ws
-        await server.stop(restart_in_s=7)
+        # tab-q3's call goes live after it connected (its hello said no session)
+        sid = server.book("tab-q3", in_s=0, duration_s=60)
+        await expect(conns["tab-q3"], GrantMsg)
+        await expect(conns["tab-q3"], Start)
+        await wait_for(lambda: server.live_session("tab-q3") == sid)
+        await server.stop(restart_in_s=restart_in_s)
         for ws in conns.values():
             await ws.wait_closed()
         got = {dev: (ws.close_code, ws.close_reason) for dev, ws in conns.items()}
     # 2 a second: the live call first, then the others in the order they came
-    assert got == {"tab-q3": (1012, "retry_after=7"), "tab-q0": (1012, "retry_after=7"),
-                   "tab-q1": (1012, "retry_after=8"), "tab-q2": (1012, "retry_after=8"),
-                   "tab-q4": (1012, "retry_after=9")}
+    slots = {"tab-q3": 0, "tab-q0": 0, "tab-q1": 1, "tab-q2": 1, "tab-q4": 2}
+    assert got == {dev: (code, f"retry_after={base + slot}") for dev, slot in slots.items()}
 
 
-async def test_a_plain_stop_says_going_away_with_hints_from_zero(registered: Path,
-                                                                 tmp_path: Path) -> None:
-    server = DevServer(registered)
+async def test_a_crash_sends_nothing_to_anyone(registered: Path) -> None:
+    """abort(): welcomed tablets, a connection still before its hello and an enrolment all
+    see their connection end with no close frame (1006), so with no hint."""
+    server = DevServer(registered, enrol_port=0)
     await server.start()
-    client, host, backoff = tablet(registered, f"wss://127.0.0.1:{server.port}/", tmp_path)
-    async with running(client):
-        await wait_for(lambda: host.ups)
-        await server.stop()
-        await wait_for(lambda: backoff.hints)
-    assert backoff.hints[0] == 0.0
+    enrol_tls = device_tls(registered, None)
+    async with (connect(f"wss://localhost:{server.port}/", ssl=device_tls(registered, DEVICE),
+                        subprotocols=[Subprotocol("tabletd.v1")], open_timeout=5) as tab,
+                connect(f"wss://localhost:{server.port}/", ssl=device_tls(registered, DEVICE),
+                        subprotocols=[Subprotocol("tabletd.v1")], open_timeout=5) as early,
+                connect(f"wss://localhost:{server.enrol_port}/", ssl=enrol_tls,
+                        subprotocols=[Subprotocol("tabletd.enrol.v1")], open_timeout=5) as enrol):
+        await tab.send(hello(DEVICE))
+        await expect(tab, Welcome)
+        await server.abort()
+        for ws in (tab, early, enrol):
+            async with asyncio.timeout(5):
+                await ws.wait_closed()
+            assert (ws.close_code, ws.close_reason) == (1006, "")
+    await server.stop()  # idempotent after abort

@@ -250,7 +250,7 @@ class DevServer:
         :attr:`readmit_per_s`, tablets in a live call first (their media is cut until they
         are back). With the tablet's jitter on top, a fleet of any size returns at about
         ``readmit_per_s`` a second instead of in one wave."""
-        queue = sorted(self._connections.values(), key=lambda c: c.session_state != "live")
+        queue = sorted(self._connections.values(), key=lambda c: c.device_id not in self._live)
         return [(conn, min(MAX_RETRY_AFTER_S, restart_in_s + int(k / self.readmit_per_s)))
                 for k, conn in enumerate(queue)]
 
@@ -274,13 +274,13 @@ class DevServer:
             if hints:
                 log.info("stopping: %d tablets told to come back in %d to %d s", len(hints),
                          hints[0][1], max(n for _, n in hints))
-            await asyncio.gather(*(conn.ws.close(code, f"retry_after={n}")
-                                   for conn, n in hints))
-        for listener in (self._server, self._enrol_server):
-            if listener is not None:  # what is left: handshakes not yet welcomed
-                listener.close(code=code, reason=f"retry_after={base}")
-                await listener.wait_closed()
-        self._server = self._enrol_server = None
+            results = await asyncio.gather(
+                *(conn.ws.close(code, f"retry_after={n}") for conn, n in hints),
+                return_exceptions=True)
+            for (conn, _), result in zip(hints, results, strict=True):
+                if isinstance(result, BaseException):  # closing the others goes on
+                    log.warning("stopping: closing %s failed: %r", conn.device_id, result)
+        await self._close_listeners(code, f"retry_after={base}")
         now = time.monotonic_ns()
         for media in list(self._live.values()):
             self._end_live(media, now, "server_stopped")
@@ -298,12 +298,26 @@ class DevServer:
                 store.close()
         self._store = self._event_store = None
 
+    async def _close_listeners(self, code: int, reason: str) -> None:
+        """Close both listeners and what they still hold: an open connection with ``code``
+        and ``reason``, a handshake in progress with HTTP 503."""
+        for listener in (self._server, self._enrol_server):
+            if listener is not None:
+                listener.close(code=code, reason=reason)
+                await listener.wait_closed()
+        self._server = self._enrol_server = None
+
     async def abort(self) -> None:
-        """Drop every tablet connection with no close frame, as a crash of the server would
-        (the tablets read a reset, and no hint), then :meth:`stop`. For testing and
+        """As a crash of the server would: stop listening and drop every open connection
+        (tablets and enrolments) with no close frame, so no hint (the tablets see the
+        connection end, 1006); then stop the scheduler and close the store. For testing and
         measuring the tablets' own reconnection."""
-        for conn in list(self._connections.values()):
-            conn.ws.transport.abort()
+        for listener in (self._server, self._enrol_server):
+            if listener is not None:
+                listener.server.close()
+                for ws in listener.connections:
+                    ws.transport.abort()
+        await self._close_listeners(CLOSE_GOING_AWAY, "")
         await self.stop()
 
     async def __aenter__(self) -> DevServer:

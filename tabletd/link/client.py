@@ -58,7 +58,7 @@ WELCOME_TIMEOUT_S = 10.0
 # megabytes of media piling up in socket buffers as seconds of delay (protocol 6.3).
 WRITE_LIMIT = 16_384
 SEND_BUFFER = 32_768
-_RETRY_AFTER = re.compile(r"retry_after=(\d{1,4})")
+_RETRY_AFTER = re.compile(r"retry_after=(\d+)", re.ASCII)
 
 
 class LinkSetupError(TabletdError, ValueError):
@@ -153,7 +153,7 @@ class LinkClient:
         if isinstance(exc, ConnectionClosed) and exc.rcvd is not None:
             m = _RETRY_AFTER.search(exc.rcvd.reason)
             if m:
-                hint = min(float(m.group(1)), MAX_RETRY_AFTER_S)  # section 1: 0-3600
+                hint = float(min(int(m.group(1)), MAX_RETRY_AFTER_S))  # section 1: 0-3600
                 self._retry_after = max(self._retry_after or 0.0, hint)
 
     def outbox_changed(self) -> None:
