@@ -79,7 +79,10 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
             if msg.get("type") == "error":
                 errors.append(msg)
 
-    server = serve(handler, "127.0.0.1", 0, subprotocols=["tabletd.v1"])  # type: ignore[list-item]
+    # no keepalive pings from this end: websockets draws their payload from the global
+    # `random`, which hypothesis, generating in this process meanwhile, warns about
+    server = serve(handler, "127.0.0.1", 0, subprotocols=["tabletd.v1"],  # type: ignore[list-item]
+                   ping_interval=None)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.socket.getsockname()[1]
     status_port = free_port()
