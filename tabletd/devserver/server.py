@@ -37,6 +37,12 @@ duration + 50 ms. While it is live, its uplink is recorded, without re-encoding,
 synthetic "family" stream is sent to the tablet (:mod:`.downlink`). Frames arriving outside
 the window are counted against the device's last session, never recorded.
 
+Stopping (section 1): :meth:`DevServer.stop` stops accepting, then closes every welcomed
+connection with ``retry_after=N`` in its reason, N spread at ``readmit_per_s`` (100) tablets a
+second, live calls first (:meth:`DevServer.readmission_hints`); 1012 and N from
+``restart_in_s`` for a restart, else 1001 and N from 0. :meth:`DevServer.abort` drops every
+connection with no close frame instead, as a crash would.
+
 Enrolment (section 7): with ``enrol_port`` set, a second listener takes enrolments over
 TLS that authenticates the server only (the tablet has no certificate yet), subprotocol
 ``tabletd.enrol.v1`` (websockets refuses a client that does not offer it: HTTP 400). One
