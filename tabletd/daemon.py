@@ -633,7 +633,8 @@ class Daemon:
 
     def on_media(self, frame: MediaFrame) -> None:
         """The relative's media: to the local screen only while live (invariant 7)."""
-        if self.media_allowed() and self.status_server is not None:
+        if (self.media_allowed() and self.status_server is not None
+                and self.status_server.media.listened):
             self.status_server.media.publish(encode_frame(frame))
 
     # ---- media: started with the rail, stopped after the cut --------------------------------
@@ -689,7 +690,8 @@ class Daemon:
         if self.link is None or not self.media_allowed():
             return  # produced after the cut (or before the loop heard of it): dropped
         self.link.push_media(frame)
-        if frame.stream is Stream.VIDEO and self.status_server is not None:
+        if (frame.stream is Stream.VIDEO and self.status_server is not None
+                and self.status_server.own.listened):
             self.status_server.own.publish(encode_frame(frame))  # the screen's own preview
         if self.link.uplink.want_keyframe and self._camera is not None:
             self._camera.request_keyframe()

@@ -105,6 +105,11 @@ class MediaHub:
         self._subscribers: set[asyncio.Queue[bytes]] = set()
         self.dropped = 0
 
+    @property
+    def listened(self) -> bool:
+        """Someone subscribes: only then is a frame worth encoding for the hub."""
+        return bool(self._subscribers)
+
     def publish(self, frame: bytes) -> None:
         for q in self._subscribers:
             if q.full():

@@ -32,6 +32,10 @@ from tabletd.clock import NS_PER_MS, NS_PER_S, Clock
 from tabletd.errors import HardwareError
 from tabletd.hardware.rail import KillSwitch
 
+# The two sense mismatches, the fault's detail (the screen maps each to its code: tabletd.ui).
+SENSE_READS_ON = "rail sense reads on while the rail is commanded off"
+SENSE_READS_OFF = "rail sense reads off while the rail is commanded on"
+
 log = logging.getLogger(__name__)
 
 
@@ -202,10 +206,7 @@ class RailGuard:
         self._check_at = None
         if commanded == sensed or self._fault is not None:
             return None
-        detail = (
-            f"rail sense reads {'on' if sensed else 'off'} while the rail is commanded "
-            f"{'on' if commanded else 'off'}"
-        )
+        detail = SENSE_READS_ON if sensed else SENSE_READS_OFF  # commanded is the other
         self._fault = detail
         self._cut_locked("fault", None, "fault")
         return detail

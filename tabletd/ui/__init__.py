@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 
+from tabletd.watchdog import SENSE_READS_OFF, SENSE_READS_ON
+
 LANGUAGES = ("fr", "en")
 
 # name in the URL (below /ui/) -> (file in this package, content type)
@@ -49,11 +51,7 @@ def _read(path: str, content_type: str) -> Asset:
 
 
 # Stable codes for the fault screen: an engineer looks them up in docs/ui.md ("Fault codes").
-# The rail guard (tabletd/watchdog.py) words its two sense mismatches exactly like this.
-FAULT_CODES: dict[str, str] = {
-    "rail sense reads on while the rail is commanded off": "E101",
-    "rail sense reads off while the rail is commanded on": "E102",
-}
+FAULT_CODES: dict[str, str] = {SENSE_READS_ON: "E101", SENSE_READS_OFF: "E102"}
 UNKNOWN_FAULT = "E199"
 
 
