@@ -53,7 +53,7 @@ from tabletd.mcu.pty import start_sim_mcu, stop_sim_mcu
 from tabletd.media.frames import MediaFrame, Stream, encode_frame
 from tabletd.media.uplink import UplinkQueue
 from tabletd.persistence import StateFile
-from tabletd.power import CriticalChanged, PowerMonitor, PowerRecord, Shutdown
+from tabletd.power import Critical, PowerMonitor
 from tabletd.sdnotify import Notifier
 from tabletd.session import (
     Action,
@@ -559,7 +559,8 @@ class Daemon:
     # ---- the MCU's host (tabletd.mcu.client.McuHost); all on the loop -----------------------
 
     def mcu_link_changed(self, up: bool) -> None:
-        self._record("mcu_link_up" if up else "mcu_link_down", {"port": self.cfg.mcu.port})
+        assert self.mcu is not None  # its port: the simulated MCU's pty with [sim] mcu
+        self._record("mcu_link_up" if up else "mcu_link_down", {"port": self.mcu.cfg.port})
         if self.hub is not None:
             self.hub.changed()
 
@@ -570,15 +571,14 @@ class Daemon:
                 before.dock_bay != status.dock_bay):
             self.submit(DockChanged(status.docked, _bay(status.dock_bay), status.battery_pct))
         for action in self.power.update(status, self.clock.boot_ns()):
-            if isinstance(action, PowerRecord):
-                self._record(action.kind, action.fields)
-            elif isinstance(action, CriticalChanged):
-                # at once, not queued: the call ends before the power-off below starts
-                self._handle_guarded(BatteryChanged(action.critical, action.pct))
-            elif isinstance(action, Shutdown) and self._power_off is None:
+            if isinstance(action, Critical):  # once: the monitor latches it
+                # at once, not queued: the call ends before the power-off starts
+                self._handle_guarded(BatteryChanged(True, action.pct))
                 self._power_off = asyncio.create_task(self._orderly_power_off(action.pct),
                                                       name="power-off")
                 self._power_off.add_done_callback(_report_power_off_crash)
+            else:
+                self._record(action.kind, action.fields)
         if self.hub is not None:
             self.hub.changed()
 
@@ -598,14 +598,18 @@ class Daemon:
         assert self.store is not None
         log.critical("battery critical (%d %%): powering off", pct,
                      extra={"EVENT": "power_off"})
-        self._record("power_off", {"reason": "low_battery", "pct": pct,
-                                   "power_cut_delay_s": cfg.power_cut_delay_s})
-        if self.hub is not None:
-            self.hub.changed()
-        for _ in range(int(cfg.shutdown_flush_s / FLUSH_POLL_S)):
-            if not (self.store.count() and self.link is not None and self.link.connected):
-                break
-            await asyncio.sleep(FLUSH_POLL_S)
+        try:
+            self._record("power_off", {"reason": "low_battery", "pct": pct,
+                                       "power_cut_delay_s": cfg.power_cut_delay_s})
+            if self.hub is not None:
+                self.hub.changed()
+            for _ in range(int(cfg.shutdown_flush_s / FLUSH_POLL_S)):
+                if not (self.store.count() and self.link is not None and self.link.connected):
+                    break
+                await asyncio.sleep(FLUSH_POLL_S)
+        except Exception:  # the record or the outbox failed: the power still goes off in order
+            log.exception("power-off: recording or flushing failed; powering off all the same",
+                          extra={"EVENT": "power_off_record_failed"})
         if self.mcu is not None and not await self.mcu.power_off(cfg.power_cut_delay_s):
             log.error("the MCU did not acknowledge POWER_OFF: powering off all the same",
                       extra={"EVENT": "mcu_power_off_unacked"})

@@ -12,7 +12,9 @@ one goes through :meth:`PowerMonitor.update`, which returns what to do:
   ``critical_hold_s`` so that one sagging reading under load does not end a call: the
   session machine hears ``BatteryChanged(critical=True)`` (a live or booked call ends with
   reason ``low_battery``, no new call starts), then the daemon shuts the tablet down in order
-  (:class:`Shutdown`), once. A tablet put on a charger before the hold ends never shuts down.
+  (:class:`Critical`), once. A tablet put on a charger before the hold ends never shuts down.
+  Critical then stays, charger or not: the MCU already holds POWER_OFF and cuts the power at
+  its delay, so no call may start again.
 
 Nothing here reads a clock or does I/O; ``now`` is CLOCK_BOOTTIME nanoseconds.
 """
@@ -36,21 +38,15 @@ class PowerRecord:
 
 
 @dataclass(frozen=True)
-class CriticalChanged:
-    """Tell the session machine: the battery is (no longer) critical."""
-
-    critical: bool
-    pct: int
-
-
-@dataclass(frozen=True)
-class Shutdown:
-    """Shut the tablet down in order (at most once per monitor)."""
+class Critical:
+    """The battery is critical, once per monitor and for good: tell the session machine
+    (``BatteryChanged(critical=True)``: the call ends, none starts), then shut the tablet
+    down in order."""
 
     pct: int
 
 
-PowerAction: TypeAlias = PowerRecord | CriticalChanged | Shutdown
+PowerAction: TypeAlias = PowerRecord | Critical
 
 
 def on_external_power(status: Status) -> bool:
@@ -69,8 +65,7 @@ class PowerMonitor:
     def __init__(self, cfg: PowerConfig) -> None:
         self.cfg = cfg
         self.low = False
-        self.critical = False
-        self.shutdown_requested = False
+        self.critical = False  # latched: the shutdown is asked with it
         self._below_since: int | None = None
         self._next_telemetry: int | None = None
         self._last: Status | None = None
@@ -95,20 +90,13 @@ class PowerMonitor:
         elif self.low and pct >= cfg.low_battery_pct + cfg.hysteresis_pct:
             self.low = False
 
-        draining = not on_external_power(status)
-        if draining and pct <= cfg.critical_battery_pct:
+        if (not self.critical and not on_external_power(status)
+                and pct <= cfg.critical_battery_pct):
             if self._below_since is None:
                 self._below_since = now
-            if not self.critical and now - self._below_since >= cfg.critical_hold_s * NS_PER_S:
+            if now - self._below_since >= cfg.critical_hold_s * NS_PER_S:
                 self.critical = True
-                actions.append(CriticalChanged(True, pct))
-                if not self.shutdown_requested:
-                    self.shutdown_requested = True
-                    actions.append(Shutdown(pct))
+                actions.append(Critical(pct))
         else:
             self._below_since = None
-            if self.critical and (not draining
-                                  or pct >= cfg.critical_battery_pct + cfg.hysteresis_pct):
-                self.critical = False
-                actions.append(CriticalChanged(False, pct))
         return actions

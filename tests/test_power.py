@@ -10,7 +10,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from tabletd.config import PowerConfig
 from tabletd.mcu.codec import ChargingState, Status
-from tabletd.power import CriticalChanged, PowerAction, PowerMonitor, PowerRecord, Shutdown
+from tabletd.power import Critical, PowerAction, PowerMonitor, PowerRecord
 
 S = 1_000_000_000
 CFG = PowerConfig(critical_hold_s=3.0, telemetry_interval_s=60.0)
@@ -46,11 +46,11 @@ def test_critical_must_hold_then_ends_calls_and_shuts_down_once() -> None:
     assert kinds(m.update(status(5), S)) == ["battery_low"]
     assert kinds(m.update(status(5), 3 * S)) == []  # held 2 s of 3
     actions = m.update(status(4), 4 * S)
-    assert actions == [CriticalChanged(True, 4), Shutdown(4)]
+    assert actions == [Critical(4)]
     assert kinds(m.update(status(4), 5 * S)) == []
-    m.update(status(9), 6 * S)  # recovers (a charger): the shutdown is not asked again
-    assert not m.critical
-    assert Shutdown(3) not in m.update(status(3), 20 * S)
+    m.update(status(9), 6 * S)  # recovers (a charger): the shutdown is not asked again,
+    assert m.critical  # and critical stays: the MCU holds POWER_OFF, no call may start
+    assert Critical(3) not in m.update(status(3), 20 * S)
 
 
 def test_one_sagging_reading_does_not_shut_down() -> None:
@@ -66,7 +66,7 @@ def test_on_the_charger_a_critical_battery_does_not_shut_down() -> None:
     m = PowerMonitor(CFG)
     for t in range(10):
         actions = m.update(status(3, ChargingState.CHARGING), t * S)
-        assert not any(isinstance(a, Shutdown | CriticalChanged) for a in actions)
+        assert not any(isinstance(a, Critical) for a in actions)
 
 
 def test_telemetry_on_change_and_on_interval() -> None:
@@ -86,7 +86,7 @@ def test_telemetry_on_change_and_on_interval() -> None:
 
 class PowerModel(RuleBasedStateMachine):
     """Any readings, any timing: shutdown at most once and only after a sustained critical
-    drain; critical flips alternate; never critical while on the charger."""
+    drain; critical flips alternate, and stays once the shutdown is asked."""
 
     @initialize(hold=st.floats(0, 10), low=st.integers(10, 30), critical=st.integers(1, 9))
     def setup(self, hold: float, low: int, critical: int) -> None:
@@ -112,15 +112,11 @@ class PowerModel(RuleBasedStateMachine):
             self.drain_since = self.now
         actions = self.m.update(status(pct, charging, fault), self.now)
         for a in actions:
-            if isinstance(a, CriticalChanged):
-                assert a.critical != self.critical, "critical changed to what it was"
-                self.critical = a.critical
-                if a.critical:
-                    assert self.drain_since is not None, "critical while not draining"
-                    assert self.now - self.drain_since >= self.cfg.critical_hold_s * S
-            elif isinstance(a, Shutdown):
+            if isinstance(a, Critical):  # critical, and the shutdown with it
+                self.critical = True
                 self.shutdowns += 1
-                assert self.critical, "shutdown without a critical battery"
+                assert self.drain_since is not None, "critical while not draining"
+                assert self.now - self.drain_since >= self.cfg.critical_hold_s * S
             elif a.kind == "battery":
                 self.last_telemetry = self.now
         assert self.last_telemetry is not None
@@ -129,6 +125,10 @@ class PowerModel(RuleBasedStateMachine):
     @invariant()
     def at_most_one_shutdown(self) -> None:
         assert self.shutdowns <= 1
+
+    @invariant()
+    def critical_latched_after_shutdown(self) -> None:
+        assert self.shutdowns == 0 or self.m.critical
 
     @invariant()
     def views_agree(self) -> None:
