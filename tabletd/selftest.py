@@ -52,6 +52,7 @@ import ctypes
 import dataclasses
 import json
 import os
+import signal
 import sqlite3
 import ssl
 import subprocess
@@ -214,9 +215,20 @@ class SelfTest:
         self.rail_on_ms: list[float] = []  # each time the rail was powered, how long
 
     def run(self) -> list[CheckResult]:
-        return asyncio.run(self._run())
+        """Every check. Raises :class:`TabletdError` if SIGTERM or SIGHUP (an engineer's
+        dropped session) interrupts it: the rail is cut first, in the checks' ``finally``."""
+        try:
+            return asyncio.run(self._run())
+        except asyncio.CancelledError:
+            raise TabletdError("interrupted (SIGTERM or SIGHUP): the rail was cut, the "
+                               "checks not finished") from None
 
     async def _run(self) -> list[CheckResult]:
+        task = asyncio.current_task()
+        assert task is not None
+        if threading.current_thread() is threading.main_thread():  # the CLI: signals go here
+            for sig in (signal.SIGTERM, signal.SIGHUP):  # cancelled, so every `finally` cuts
+                asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
         results = [self._storage(), self._disk_space(), self._clock()]
         daemon_pid = running_daemon_pid(self.paths)
         results.append(await self._server(daemon_pid))
@@ -536,18 +548,21 @@ class SelfTest:
             frames.append(len(frame.payload))
             got.set()
 
+        started = False
         try:
-            async with self._powered(hw, mcu, "camera", CAMERA_TIMEOUT_S):
-                if not await asyncio.to_thread(_poll, lambda: hw.rail.sensed,
-                                               self.cfg.gpio.sense_timeout_ms / 1000):
-                    return CheckResult("camera", False, "not run: the rail did not come on",
-                                       "see the rail check")
-                camera.start(on_frame)
-                try:
+            try:
+                async with self._powered(hw, mcu, "camera", CAMERA_TIMEOUT_S):
+                    if not await asyncio.to_thread(_poll, lambda: hw.rail.sensed,
+                                                   self.cfg.gpio.sense_timeout_ms / 1000):
+                        return CheckResult("camera", False, "not run: the rail did not come "
+                                           "on", "see the rail check")
+                    camera.start(on_frame)
+                    started = True
                     await asyncio.to_thread(
                         _wait_frame, got, lambda: camera.health.fault is not None,
                         CAMERA_TIMEOUT_S)
-                finally:
+            finally:
+                if started:  # after the cut, as MediaSource.stop expects (as the daemon does)
                     camera.stop()
         except TabletdError as exc:
             return CheckResult("camera", False, f"not run: {exc}", "see the storage check")

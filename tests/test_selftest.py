@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from tabletd.config import Config, LinkConfig
 from tabletd.devserver import ca
 from tabletd.devserver.server import DevServer
 from tabletd.devserver.store import Store
+from tabletd.errors import TabletdError
 from tabletd.events import EventStore
 from tabletd.hardware.camera import SimCamera
 from tabletd.hardware.sim import rail_file_state
@@ -301,6 +303,39 @@ def test_a_camera_that_never_delivers_fails(state: Path) -> None:
     assert not results["camera"].ok
     assert "Cannot allocate memory" in results["camera"].detail
     assert not rail_file_state(state / "sim")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_while_the_rail_is_on_cuts_it_and_says_so(state: Path,
+                                                            sig: signal.Signals) -> None:
+    """The engineer's session drops (SIGHUP) or systemd stops it (SIGTERM) in the middle
+    of the camera check: the rail is cut, recorded, and the run ends with an error."""
+    seen_on: list[bool] = []
+    seen_at_stop: list[bool] = []
+
+    def interrupted(cfg: Config) -> SimCamera:
+        cam = SimCamera(cfg.media.width, cfg.media.height, cfg.media.fps, cfg.media.bitrate)
+        cam.fail_starts(10)  # no frame ever: the check would wait its whole timeout
+
+        def start(on_frame: Any) -> None:
+            seen_on.append(rail_file_state(state / "sim"))
+            os.kill(os.getpid(), sig)
+            SimCamera.start(cam, on_frame)
+
+        def stop() -> None:
+            seen_at_stop.append(rail_file_state(state / "sim"))
+            SimCamera.stop(cam)
+        cam.start = start  # type: ignore[method-assign]
+        cam.stop = stop  # type: ignore[method-assign]
+        return cam
+
+    with pytest.raises(TabletdError, match="interrupted"):
+        SelfTest(config(), state, clock_reader=synced, camera_factory=interrupted).run()
+    assert seen_on == [True]
+    assert seen_at_stop == [False]  # the camera is stopped after the cut, not before
+    assert not rail_file_state(state / "sim")
+    kinds = [k for k, _ in audit(state)]
+    assert kinds[-2:] == ["selftest_rail_on", "selftest_rail_off"]
 
 
 def test_a_missing_backlight_fails(state: Path, tmp_path: Path) -> None:
