@@ -51,6 +51,15 @@ def _opt_int(d: dict[str, Any], key: str) -> int | None:
     return v
 
 
+def owner_when_root(directory: Path) -> tuple[int, int] | None:
+    """Run as root, files made in ``directory`` go to its owner (the daemon's user, who
+    must still open them); else None, nothing to change."""
+    if os.geteuid() != 0:
+        return None
+    st = directory.stat()
+    return st.st_uid, st.st_gid
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` so that a crash or power cut leaves the old content or
     the new, never a mix: temp file, fsync, rename, fsync the directory. Mode 0600."""

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import os
 import re
@@ -54,8 +53,8 @@ from websockets.typing import Subprotocol
 
 from tabletd.config import Config, load_config
 from tabletd.errors import ConfigError, TabletdError
-from tabletd.link.grants import GrantKeyError, load_public_key
-from tabletd.persistence import write_atomically
+from tabletd.link.grants import ID_RE, GrantKeyError, load_public_key
+from tabletd.persistence import owner_when_root, write_atomically
 
 DEFAULT_FILE = Path("/boot/firmware/tabletd-provision.toml")
 FILE_FORMAT = 1
@@ -70,11 +69,6 @@ ENROL_PROTOCOL = 1
 ENROL_MAX_MESSAGE = 16_384
 ENROL_TIMEOUT_S = 30.0
 TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{16,128}")
-ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-ENROL_ERROR_CODES = frozenset({
-    "bad_message", "bad_csr", "token_invalid", "token_wrong_device", "token_used",
-    "token_expired", "internal",
-})
 _PEM_MAX = 8192
 
 
@@ -421,7 +415,7 @@ def provision(cfg: Config, file: Path = DEFAULT_FILE) -> Provisioned:
     cert_pem = asyncio.run(enrol(pf, csr_pem))
     check_certificate(cert_pem, pf, key)
     paths = {name: directory / name for name in (KEY_NAME, CERT_NAME, CA_NAME)}
-    owner = _owner_for(directory)
+    owner = owner_when_root(directory)
     try:
         _write(paths[KEY_NAME], key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -444,10 +438,8 @@ def provision(cfg: Config, file: Path = DEFAULT_FILE) -> Provisioned:
         overlay.unlink()
         raise ProvisionError([f"{overlay}: removed again: {cfg.source} does not read it "
                               f"([paths] overlay must name {overlay})"])
-    return dataclasses.replace(
-        Provisioned(pf.device_id, overlay, paths[KEY_NAME], paths[CERT_NAME], paths[CA_NAME],
-                    removed_file=False),
-        removed_file=_remove_file(file))
+    return Provisioned(pf.device_id, overlay, paths[KEY_NAME], paths[CERT_NAME],
+                       paths[CA_NAME], removed_file=_remove_file(file))
 
 
 def _remove_file(path: Path) -> bool:
@@ -463,14 +455,6 @@ def _remove_file(path: Path) -> bool:
         finally:
             os.close(dfd)
     return True
-
-
-def _owner_for(directory: Path) -> tuple[int, int] | None:
-    """Run as root, files go to the directory's owner (the daemon's user); else unchanged."""
-    if os.geteuid() != 0:
-        return None
-    st = directory.stat()
-    return st.st_uid, st.st_gid
 
 
 def _write(path: Path, data: bytes, owner: tuple[int, int] | None) -> None:

@@ -74,7 +74,7 @@ from tabletd.errors import StateFileError, TabletdError
 from tabletd.events import EventStore
 from tabletd.hardware import Hardware, open_hardware, open_media
 from tabletd.hardware.camera import MediaSource
-from tabletd.link.client import SUBPROTOCOL
+from tabletd.link.client import SUBPROTOCOL, LinkSetupError, link_ssl_context
 from tabletd.link.messages import (
     ErrorMsg,
     Hello,
@@ -88,7 +88,7 @@ from tabletd.mcu.client import McuClient
 from tabletd.mcu.codec import ChargingState, Event, Status
 from tabletd.mcu.pty import start_sim_mcu, stop_sim_mcu
 from tabletd.media.frames import MediaFrame
-from tabletd.persistence import StateFile, write_atomically
+from tabletd.persistence import StateFile, owner_when_root, write_atomically
 from tabletd.session import State
 
 CAMERA_TIMEOUT_S = 8.0  # the first frame: 5 s for the device to open, then a frame period
@@ -331,7 +331,7 @@ class SelfTest:
         fix = (f"check the network and that {link.url} is reachable from here; "
                "`journalctl -u tabletd EVENT=link_failed` shows the daemon's attempts")
         try:
-            tls = _link_tls(self.cfg)
+            tls = link_ssl_context(link)
             async with asyncio.timeout(SERVER_TIMEOUT_S), connect(
                 link.url, ssl=tls, subprotocols=[SUBPROTOCOL], proxy=None,
                 open_timeout=SERVER_TIMEOUT_S, close_timeout=2,
@@ -340,6 +340,9 @@ class SelfTest:
                 await ws.send(encode(self._hello()))
                 answer = decode_server_message(await ws.recv())
                 rtt_ms = (self.clock.boot_ns() - t0) / NS_PER_MS
+        except LinkSetupError as exc:
+            return CheckResult("server", False, str(exc), "re-provision the tablet (its "
+                               "identity files are missing or damaged): docs/field-guide.md")
         except ssl.SSLError as exc:
             return CheckResult("server", False, f"{link.url}: TLS handshake failed: {exc}",
                                "the server's certificate must chain to [link] ca_file and the "
@@ -617,12 +620,12 @@ class SelfTest:
     def _give_back(self, *paths: Path) -> None:
         """Run as root, files created here go to the state directory's owner (the daemon's
         user), or the daemon could no longer open its own lock and outbox."""
-        if os.geteuid() != 0:
+        owner = owner_when_root(self.state_dir)
+        if owner is None:
             return
-        st = self.state_dir.stat()
         for path in paths:
             with contextlib.suppress(FileNotFoundError):
-                os.chown(path, st.st_uid, st.st_gid)
+                os.chown(path, *owner)
 
     def _audit_store(self) -> EventStore:
         try:
@@ -641,15 +644,6 @@ class SelfTest:
 
 _Leased = tuple[McuClient, _McuWatch] | None  # the MCU whose lease the rail needs, if any
 HARDWARE_CHECKS = ("inputs", "backlight", "mcu", "battery", "rail", "camera")
-
-
-def _link_tls(cfg: Config) -> ssl.SSLContext:
-    """The daemon's TLS: the pinned CA only, the device certificate and key."""
-    link = cfg.link
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=link.ca_file)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(link.cert_file, link.key_file)
-    return ctx
 
 
 def _poll(predicate: Callable[[], bool], timeout_s: float) -> bool:

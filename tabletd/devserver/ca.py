@@ -15,7 +15,6 @@ import base64
 import datetime
 import ipaddress
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import TypeAlias
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tabletd.devserver import DevServerError
+from tabletd.link.grants import ID_RE
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
@@ -41,7 +41,6 @@ DEVICE_KEY = "device.key"
 
 CA_DAYS = 3650
 LEAF_DAYS = 825
-ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # protocol section 3: an `id`
 
 
 class CsrError(DevServerError, ValueError):

@@ -94,6 +94,26 @@ class LinkHost(Protocol):
         ...
 
 
+def link_ssl_context(cfg: LinkConfig) -> ssl.SSLContext | None:
+    """The link's TLS: the pinned CA only, this device's certificate and key (protocol
+    section 1); None for ``ws://``, allowed only with ``insecure_dev``. Raises
+    :class:`LinkSetupError` naming the files when they are unusable."""
+    if cfg.url.startswith("ws://"):
+        if not cfg.insecure_dev:
+            raise LinkSetupError("ws:// refused: [link] insecure_dev is not set")
+        return None
+    try:
+        # cafile given: only that CA is trusted, never the system store (pinning).
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cfg.ca_file)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise LinkSetupError(
+            f"link TLS files (ca {cfg.ca_file}, cert {cfg.cert_file}, key "
+            f"{cfg.key_file}): {exc}") from exc
+    return ctx
+
+
 def _bound_send_buffer(ws: ClientConnection) -> None:
     sock = ws.transport.get_extra_info("socket")
     if sock is not None:
@@ -193,7 +213,7 @@ class LinkClient:
     async def _connection(self) -> None:
         """One connection; always ends by raising (``_Closed`` once it was established)."""
         cfg = self.cfg
-        tls = self._ssl_context()
+        tls = link_ssl_context(cfg)
         if tls is None:
             log.warning("link: INSECURE ws:// connection to %s ([link] insecure_dev = true; "
                         "development only)", cfg.url, extra={"EVENT": "link_insecure"})
@@ -240,23 +260,6 @@ class LinkClient:
                 self.connected = False
                 self.host.link_changed(False, None)
                 log.info("link: disconnected", extra={"EVENT": "link_down"})
-
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        cfg = self.cfg
-        if cfg.url.startswith("ws://"):
-            if not cfg.insecure_dev:
-                raise LinkSetupError("ws:// refused: [link] insecure_dev is not set")
-            return None
-        try:
-            # cafile given: only that CA is trusted, never the system store (pinning).
-            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cfg.ca_file)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise LinkSetupError(
-                f"link TLS files (ca {cfg.ca_file}, cert {cfg.cert_file}, key "
-                f"{cfg.key_file}): {exc}") from exc
-        return ctx
 
     async def _send_events(self, ws: ClientConnection) -> None:
         """At least once, in order: everything pending is (re)sent on each connection."""

@@ -49,7 +49,8 @@ NONCE_FILE = "grant-nonces.json"
 _MAX_JSON_INT = 2**53 - 1
 _ED25519_SIGNATURE_LEN = 64
 _ED25519_PUBLIC_KEY_LEN = 32
-_ID = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
+#: An id (protocol section 3): grant and session ids, device ids, event ids.
+ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
 _NONCE = re.compile(r"[A-Za-z0-9_-]{22,64}", re.ASCII)
 _STORE_FORMAT = 1
 
@@ -333,7 +334,7 @@ class NonceStore:
 
 def _format_problem(body: GrantBody) -> str | None:
     """The first member out of the bounds of protocol sections 3 and 3.2, or None."""
-    if not _ID.fullmatch(body.grant_id):
+    if not ID_RE.fullmatch(body.grant_id):
         return "grant.grant_id: not an id (1-64 of A-Z a-z 0-9 - _ .)"
     if len(body.contact_label) > 64:
         return "grant.contact_label: longer than 64 characters"

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Final, Literal, NoReturn, TypeAlias, assert_never, cast
 
 from tabletd.errors import TabletdError
-from tabletd.link.grants import GrantBody
+from tabletd.link.grants import ID_RE, GrantBody
 
 PROTOCOL_VERSION: Final = 1
 #: The WebSocket subprotocol name of this version (section 1).
@@ -73,7 +73,6 @@ JsonValue: TypeAlias = (
     "bool | int | float | str | list[JsonValue] | dict[str, JsonValue] | None"
 )
 
-_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _ID_RULE = "an id (1 to 64 of A-Z a-z 0-9 - _ .)"
 _NONCE = re.compile(r"[A-Za-z0-9_-]{22,64}")
 _UUID = re.compile(
@@ -359,7 +358,7 @@ def _read_ref(obj: dict[str, object]) -> str | None:
     candidates = [grant.get("grant_id") if isinstance(grant, dict) else None,
                   obj.get("session_id")]
     for value in candidates:
-        if isinstance(value, str) and _ID.fullmatch(value):
+        if isinstance(value, str) and ID_RE.fullmatch(value):
             return value
     return None
 
@@ -475,7 +474,7 @@ class _Members:
         return value
 
     def ident(self, name: str) -> str:
-        return self.matching(name, _ID, _ID_RULE)
+        return self.matching(name, ID_RE, _ID_RULE)
 
     def ident_or_null(self, name: str) -> str | None:
         return None if self.get(name) is None else self.ident(name)
